@@ -1,0 +1,1 @@
+"""flair_jax: FLAIR pre-training in JAX/Flax NNX with PyTorch FLAIR interop."""
