@@ -84,18 +84,29 @@ def _dropout(x, rate, key):
 
 
 class Embedding(nnx.Module):
-  def __init__(self, num, features, *, std, dtype, rngs):
-    self.embedding = nnx.Param(std * jax.random.normal(rngs.params(), (num, features), jnp.float32))
+  """Lookup table; as torch's ``padding_idx``, the padding row is initialised
+  to zeros and never receives a gradient."""
+
+  def __init__(self, num, features, *, std, dtype, rngs, padding_idx=None):
+    table = std * jax.random.normal(rngs.params(), (num, features), jnp.float32)
+    if padding_idx is not None:
+      table = table.at[padding_idx].set(0.0)
+    self.embedding = nnx.Param(table)
+    self.padding_idx = padding_idx
     self.dtype = dtype
 
   def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding[...], ids, axis=0)
+    if self.padding_idx is not None:
+      x = jnp.where((ids == self.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
+    return x.astype(self.dtype)
 
 
 class BertEmbeddings(nnx.Module):
   def __init__(self, cfg: BertConfig, *, dtype, rngs):
     std = cfg.initializer_range
-    self.word = Embedding(cfg.vocab_size, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
+    self.word = Embedding(cfg.vocab_size, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs,
+                          padding_idx=cfg.pad_token_id)
     self.position = Embedding(cfg.max_position_embeddings, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
     self.token_type = Embedding(cfg.type_vocab_size, cfg.hidden_size, std=std, dtype=dtype, rngs=rngs)
     self.norm = LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype)

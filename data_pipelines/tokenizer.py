@@ -1,0 +1,138 @@
+"""BERT WordPiece tokenization to FLAIR's static length of 77.
+
+PyTorch FLAIR pads each batch to its longest caption (``padding=True``);
+here every batch is padded to 77 so that the jitted step compiles once, and
+the true lengths travel with the ids (attention mask = position < length).
+
+transformers 5 folded the slow and fast BERT tokenizers into one class whose
+vocabulary argument is ``vocab``: ``BertTokenizer(vocab_file=...)`` (and the
+``BertTokenizerFast`` alias) silently ignores the file and keeps a 5-token
+vocabulary. ``load_tokenizer`` therefore passes ``vocab=``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import tokenizers
+
+MAX_LENGTH = 77
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, do_lower_case: bool = True,
+                   max_length: int = MAX_LENGTH):
+  """A ``BertTokenizer`` from a folder, a hub id or a ``vocab.txt`` file.
+
+  Args:
+    name_or_path: a tokenizer folder or hub id (``from_pretrained``; its own
+      config decides lower-casing) or the path of a WordPiece ``vocab.txt``.
+    do_lower_case: for a bare ``vocab.txt`` only. ``True`` is what
+      ``AutoTokenizer.from_pretrained('emilyalsentzer/Bio_ClinicalBERT')``
+      does (that repo has no tokenizer config), so it is FLAIR's behaviour.
+    max_length: stored as ``model_max_length``.
+  Returns:
+    a ``transformers.BertTokenizer``.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  path = os.fspath(name_or_path)
+  if os.path.isfile(path):
+    tokenizer = transformers.BertTokenizer(vocab=path, do_lower_case=do_lower_case)
+    if len(tokenizer) <= len(SPECIAL_TOKENS):
+      raise ValueError(f'vocabulary {path!r} gave only {len(tokenizer)} tokens; expected one '
+                       'WordPiece token per line')
+  else:
+    tokenizer = transformers.BertTokenizer.from_pretrained(path)
+  tokenizer.model_max_length = max_length
+  return tokenizer
+
+
+class StaticTokenizer:
+  """A transformers tokenizer's own backend, set to pad and truncate to one length.
+
+  Gives what ``tokenizer(texts, padding='max_length', truncation=True,
+  max_length=...)`` gives (transformers configures the same backend the same
+  way) without importing transformers, so worker processes start faster.
+  """
+
+  def __init__(self, tokenizer, max_length: int = MAX_LENGTH):
+    self.max_length = max_length
+    self.pad_token_id = tokenizer.pad_token_id
+    self.pad_token = tokenizer.pad_token
+    self._json = tokenizer.backend_tokenizer.to_str()
+    self._backend = None
+
+  def __getstate__(self):
+    return {**self.__dict__, '_backend': None}
+
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    if self._backend is None:
+      backend = tokenizers.Tokenizer.from_str(self._json)
+      backend.enable_truncation(self.max_length)
+      backend.enable_padding(length=self.max_length, pad_id=self.pad_token_id,
+                             pad_token=self.pad_token)
+      self._backend = backend
+    encodings = self._backend.encode_batch(list(texts))
+    ids_bl = np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), self.max_length)
+    mask_bl = np.asarray([e.attention_mask for e in encodings], np.int32)
+    return ids_bl, mask_bl.reshape(len(texts), self.max_length).sum(1).astype(np.int32)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids padded (and truncated) to a static length.
+
+  Args:
+    tokenizer: a transformers tokenizer or a ``StaticTokenizer`` (whose own
+      length then applies).
+  Returns:
+    ``(ids_bl int32 [N, max_length], lengths_b int32 [N])``; the ids of
+    sequence ``n`` at positions ``>= lengths[n]`` are the pad id.
+  """
+  if isinstance(tokenizer, StaticTokenizer):
+    if tokenizer.max_length != max_length:
+      raise ValueError(f'StaticTokenizer pads to {tokenizer.max_length}, asked for {max_length}')
+    return tokenizer(texts)
+  encoded = tokenizer(list(texts), padding='max_length', truncation=True, max_length=max_length,
+                      return_attention_mask=True, return_token_type_ids=False)
+  ids_bl = np.asarray(encoded['input_ids'], np.int32).reshape(len(texts), max_length)
+  lengths_b = np.asarray(encoded['attention_mask'], np.int32).reshape(len(texts), max_length).sum(1)
+  return ids_bl, lengths_b.astype(np.int32)
+
+
+def build_wordpiece_vocab(texts: Iterable[str], out_dir: str | os.PathLike, *,
+                          vocab_size: int = 2048, lowercase: bool = True, min_frequency: int = 1,
+                          max_length: int = MAX_LENGTH):
+  """Trains a small WordPiece vocabulary and saves a loadable tokenizer folder.
+
+  For an offline text tower trained from scratch (no Bio_ClinicalBERT). The
+  folder gets ``vocab.txt``, ``tokenizer.json`` and ``tokenizer_config.json``;
+  ``BertTokenizer.from_pretrained(out_dir)`` and ``load_tokenizer(out_dir)``
+  read it back.
+
+  Args:
+    texts: training sentences (e.g. captions and expert descriptions).
+    out_dir: folder to write (created if missing).
+    vocab_size: upper bound; a small corpus gives fewer tokens.
+    lowercase: lower-case (and strip accents) before WordPiece, as
+      uncased BERT does.
+    min_frequency: minimum count of a merged piece.
+  Returns:
+    the ``transformers.BertTokenizer``, ``model_max_length = max_length``.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  trainer = tokenizers.BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
+  trainer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=min_frequency,
+                              special_tokens=list(SPECIAL_TOKENS))
+  trainer.save_model(out_dir)
+  tokenizer = transformers.BertTokenizer(vocab=os.path.join(out_dir, 'vocab.txt'),
+                                         do_lower_case=lowercase, strip_accents=lowercase,
+                                         model_max_length=max_length)
+  tokenizer.save_pretrained(out_dir)
+  return tokenizer

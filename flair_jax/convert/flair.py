@@ -1,0 +1,207 @@
+"""Whole-model conversion between flair_jax checkpoints and PyTorch FLAIR.
+
+PyTorch FLAIR exports come in two forms, both with the 520 keys of
+``FLAIRModel.state_dict()`` (Bio_ClinicalBERT text tower):
+
+* ``hf``: ``model.safetensors`` + ``config.json`` holding the ``FLAIRModel``
+  constructor arguments, as ``PyTorchModelHubMixin`` saves and
+  ``FLAIRModel.from_pretrained(folder)`` loads;
+* ``pth``: ``flair.pth``, a plain state dict for ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Mapping, Optional
+
+import numpy as np
+
+from flair_jax import checkpoint
+from flair_jax.checkpoint import DEFAULT_BERT_TYPE, ModelConfig
+from flair_jax.convert import table, torch_io
+from flair_jax.convert.pretrained import read_bert_config
+from flair_jax.models import RESNET50_STAGES, BertConfig
+
+FORMATS = ('hf', 'pth', 'both')
+PTH_FILE = 'flair.pth'
+HUB_CONFIG = 'config.json'
+TEXT_ENCODER = 'text_encoder'
+VISION_PREFIX = 'vision_model.model.'
+TEXT_PREFIX = 'text_model.model.'
+_log = logging.getLogger(__name__)
+_BERT_SHAPE = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+               'intermediate_size', 'max_position_embeddings', 'type_vocab_size')
+
+
+def hub_config(config: ModelConfig, bert_type: str) -> dict:
+  """``FLAIRModel`` constructor arguments, as ``config.json`` of the hub form."""
+  return dict(vision_type='resnet_v1', bert_type=bert_type, vision_pretrained=False,
+              proj_dim=config.proj_dim, proj_bias=False,
+              logit_scale_init_value=config.logit_scale_init_value,
+              from_checkpoint=False, weights_path=None, out_path=None,
+              image_size=config.image_size, caption=config.caption,
+              projection=config.projection, norm_features=config.norm)
+
+
+def to_torch_state(state: Mapping) -> dict:
+  """Nested flair_jax model state -> PyTorch FLAIR state dict (NumPy)."""
+  flat = {k: np.asarray(v) for k, v in table.flatten(state).items()}
+  return table.to_torch(table.FLAIR, flat)
+
+
+def from_torch_state(sd: Mapping, config: ModelConfig, what: str = 'FLAIR state dict') -> dict:
+  """PyTorch FLAIR state dict -> nested flair_jax model state (NumPy).
+
+  Raises:
+    table.KeyMismatchError: naming every missing, unexpected, mis-shaped key.
+  """
+  like = checkpoint.abstract_model_state(config)
+  flat = table.from_torch(table.FLAIR, table.flatten(like), sd, table.FLAIR_EXTRAS, what)
+  return table.unflatten(flat, like)
+
+
+def _resnet_stages(sd) -> tuple:
+  stages = []
+  while True:
+    pattern = re.compile(rf'{re.escape(VISION_PREFIX)}layer{len(stages) + 1}\.(\d+)\.')
+    blocks = [int(m.group(1)) for m in map(pattern.match, sd) if m]
+    if not blocks:
+      return tuple(stages) or RESNET50_STAGES
+    stages.append(max(blocks) + 1)
+
+
+def config_from_torch(sd: Mapping, bert: BertConfig, bert_type: str,
+                      hub: Optional[Mapping] = None) -> ModelConfig:
+  """The flair_jax config of a PyTorch FLAIR state dict and its hub config.
+
+  The ResNet's stages and width and ``proj_dim`` are read from the weights
+  (the original always builds ResNet-50), the rest from ``hub``.
+  """
+  hub = dict(hub or {})
+  if hub.get('vision_type', 'resnet_v1') not in ('resnet_v1', 'resnet_v2'):
+    raise ValueError(f"vision_type {hub['vision_type']!r} is not supported; expected a ResNet "
+                     "('resnet_v1' or 'resnet_v2')")
+  if hub.get('proj_bias'):
+    raise ValueError('proj_bias true is not supported: FLAIR projections have no bias')
+  conv1 = sd.get(VISION_PREFIX + 'conv1.weight')
+  proj = sd.get('vision_model.projection_head_vision.projection.weight')
+  stages = _resnet_stages(sd)
+  if stages != RESNET50_STAGES:
+    _log.warning('the image tower is a ResNet with stages %s, not ResNet-50', stages)
+  return ModelConfig(
+      bert=bert, bert_type=bert_type, resnet_stages=stages,
+      resnet_width=int(np.shape(conv1)[0]) if conv1 is not None else 64,
+      proj_dim=int(hub.get('proj_dim') or (np.shape(proj)[0] if proj is not None else 512)),
+      projection=bool(hub.get('projection', True)), norm=bool(hub.get('norm_features', True)),
+      logit_scale_init_value=float(hub.get('logit_scale_init_value', 0.07)),
+      image_size=int(hub.get('image_size', 512)),
+      caption=hub.get('caption', checkpoint.DEFAULT_CAPTION))
+
+
+def read_torch_flair(path: str, bert_type: Optional[str] = None) -> tuple:
+  """Reads a PyTorch FLAIR export: ``(nested state, ModelConfig)``.
+
+  Args:
+    path: a ``.pth`` / ``.safetensors`` state dict, or a hub-form folder.
+    bert_type: text tower folder or hub id; default: the folder's
+      ``config.json``, else FLAIR's default Bio_ClinicalBERT.
+  """
+  path = os.path.expanduser(str(path))
+  hub = {}
+  if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, HUB_CONFIG)):
+      with open(os.path.join(path, HUB_CONFIG)) as f:
+        hub = json.load(f)
+    sd = torch_io.read_hf_weights(path)
+  elif os.path.exists(path):
+    sd = torch_io.read_state_dict(path)
+  else:
+    raise FileNotFoundError(f'input {path} does not exist; expected a FLAIR .pth file or a '
+                            'folder with config.json and model.safetensors')
+  bert_type = bert_type or hub.get('bert_type') or DEFAULT_BERT_TYPE
+  folder = torch_io.resolve_hf_folder(bert_type)
+  local = os.path.isdir(os.path.expanduser(bert_type))
+  config = config_from_torch(sd, read_bert_config(folder), folder if local else bert_type, hub)
+  return from_torch_state(sd, config, f'FLAIR weights {path}'), config
+
+
+def import_from_torch(path: str, out: str, bert_type: Optional[str] = None) -> str:
+  """``from-torch``: a PyTorch FLAIR export -> flair_jax model folder ``out``."""
+  state, config = read_torch_flair(path, bert_type)
+  return checkpoint.save_state(state, config, out)
+
+
+def _check_bert_type(bert_type: str, bert: BertConfig) -> None:
+  folder = os.path.expanduser(bert_type)
+  if not os.path.isdir(folder):
+    return  # a hub id: FLAIRModel fetches it; strict loading checks shapes
+  theirs = read_bert_config(folder)
+  diff = [f'{k} {getattr(theirs, k)} (checkpoint: {getattr(bert, k)})'
+          for k in _BERT_SHAPE if getattr(theirs, k) != getattr(bert, k)]
+  if diff:
+    raise ValueError(f'bert_type {bert_type} does not have the text tower of the checkpoint: '
+                     + ', '.join(diff))
+
+
+def _warn_if_not_flair_shape(config: ModelConfig) -> None:
+  if (config.resnet_stages, config.resnet_width, config.bert.hidden_size) != (
+      RESNET50_STAGES, 64, 768):
+    _log.warning('PyTorch FLAIRModel builds ResNet-50 and a 768-wide text projection; this '
+                    'export (stages %s, width %d, text hidden %d) loads only into a model of its '
+                    'own shape', config.resnet_stages, config.resnet_width, config.bert.hidden_size)
+  if config.text_pooling != 'flair':
+    _log.warning("text_pooling is %r; PyTorch FLAIR pools as 'flair'", config.text_pooling)
+
+
+def export_to_torch(checkpoint_path: str, out: str, fmt: str = 'hf',
+                    bert_type: Optional[str] = None, bundle_text_encoder: bool = False) -> str:
+  """``to-torch``: a flair_jax checkpoint -> PyTorch FLAIR files in ``out``.
+
+  Args:
+    checkpoint_path: model folder, step folder or training workdir.
+    out: new folder (written atomically).
+    fmt: ``'hf'`` (``model.safetensors`` + ``config.json``), ``'pth'``
+      (``flair.pth``) or ``'both'``.
+    bert_type: overrides the checkpoint's text tower name in ``config.json``.
+    bundle_text_encoder: also write ``out/text_encoder/`` (BERT config,
+      tokenizer, weights) and point ``bert_type`` at it (works offline).
+  Returns:
+    The absolute output folder.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'format {fmt!r} unknown; expected one of {FORMATS}')
+  if fmt != 'hf':
+    torch_io.require_torch()
+  state, config = checkpoint.load_state(checkpoint_path)
+  sd = to_torch_state(state)
+  bert_type = bert_type or config.bert_type
+  _warn_if_not_flair_shape(config)
+  out = os.path.abspath(os.path.expanduser(out))
+  if bundle_text_encoder:
+    source = torch_io.resolve_hf_folder(bert_type)
+    bert_json = {}
+    if os.path.isfile(os.path.join(source, 'config.json')):
+      with open(os.path.join(source, 'config.json')) as f:
+        bert_json = json.load(f)
+    bert_json.update(config.bert.to_dict())
+    bert_type = os.path.join(out, TEXT_ENCODER)
+  else:
+    _check_bert_type(bert_type, config.bert)
+  with checkpoint.atomic_directory(out) as tmp:
+    if fmt in ('hf', 'both'):
+      torch_io.write_safetensors(os.path.join(tmp, torch_io.SAFETENSORS), sd)
+      torch_io.write_json(os.path.join(tmp, HUB_CONFIG), hub_config(config, bert_type))
+    if fmt in ('pth', 'both'):
+      torch_io.write_pth(os.path.join(tmp, PTH_FILE), sd)
+    if bundle_text_encoder:
+      text_dir = os.path.join(tmp, TEXT_ENCODER)
+      os.mkdir(text_dir)
+      torch_io.copy_tokenizer(source, text_dir)
+      torch_io.write_json(os.path.join(text_dir, 'config.json'), bert_json)
+      torch_io.write_safetensors(
+          os.path.join(text_dir, torch_io.SAFETENSORS),
+          {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)})
+  return out

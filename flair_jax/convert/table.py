@@ -1,0 +1,244 @@
+"""The one table between PyTorch state-dict keys and flair_jax NNX paths.
+
+Each row pairs a PyTorch module name with an NNX module path and a module
+kind; a kind lists its leaves and their layout change. ``{s}``, ``{b}``,
+``{k}`` and ``{l}`` stand for integer indices. Both directions read the same
+rows: :func:`to_torch` maps NNX state to a PyTorch state dict and
+:func:`from_torch` maps back, after checking that the key set and every
+shape are exactly those the model needs.
+
+NNX paths are ``'/'``-joined (``vision_model/layer1/0/conv1/kernel``); state
+is handled as flat ``{path: array}`` dicts of NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+# Layouts: how one leaf changes between the frameworks.
+COPY = 'copy'        # same array, float32
+CONV = 'conv'        # torch OIHW <-> NNX HWIO
+LINEAR = 'linear'    # torch (out, in) <-> NNX (in, out)
+COUNT = 'count'      # BatchNorm num_batches_tracked: torch int64 <-> NNX int32
+
+# Leaves of each module kind: (PyTorch leaf, NNX leaf, layout).
+KINDS = {
+    'param': (('', '', COPY),),
+    'conv': (('weight', 'kernel', CONV),),
+    'batchnorm': (('weight', 'scale', COPY), ('bias', 'bias', COPY),
+                  ('running_mean', 'mean', COPY), ('running_var', 'var', COPY),
+                  ('num_batches_tracked', 'num_batches_tracked', COUNT)),
+    'linear': (('weight', 'kernel', LINEAR), ('bias', 'bias', COPY)),  # bias if present
+    'layernorm': (('weight', 'scale', COPY), ('bias', 'bias', COPY)),
+    'embedding': (('weight', 'embedding', COPY),),
+}
+
+# torchvision ResNet (``fc`` excluded) <-> flair_jax.models.ResNet.
+RESNET = (
+    ('conv1', 'conv1', 'conv'),
+    ('bn1', 'bn1', 'batchnorm'),
+    ('layer{s}.{b}.conv{k}', 'layer{s}/{b}/conv{k}', 'conv'),
+    ('layer{s}.{b}.bn{k}', 'layer{s}/{b}/bn{k}', 'batchnorm'),
+    ('layer{s}.{b}.downsample.0', 'layer{s}/{b}/downsample/conv', 'conv'),
+    ('layer{s}.{b}.downsample.1', 'layer{s}/{b}/downsample/bn', 'batchnorm'),
+)
+
+# transformers BertModel <-> flair_jax.models.Bert.
+BERT = (
+    ('embeddings.word_embeddings', 'embeddings/word', 'embedding'),
+    ('embeddings.position_embeddings', 'embeddings/position', 'embedding'),
+    ('embeddings.token_type_embeddings', 'embeddings/token_type', 'embedding'),
+    ('embeddings.LayerNorm', 'embeddings/norm', 'layernorm'),
+    ('encoder.layer.{l}.attention.self.query', 'layers/{l}/query', 'linear'),
+    ('encoder.layer.{l}.attention.self.key', 'layers/{l}/key', 'linear'),
+    ('encoder.layer.{l}.attention.self.value', 'layers/{l}/value', 'linear'),
+    ('encoder.layer.{l}.attention.output.dense', 'layers/{l}/attn_out', 'linear'),
+    ('encoder.layer.{l}.attention.output.LayerNorm', 'layers/{l}/attn_norm', 'layernorm'),
+    ('encoder.layer.{l}.intermediate.dense', 'layers/{l}/intermediate', 'linear'),
+    ('encoder.layer.{l}.output.dense', 'layers/{l}/output', 'linear'),
+    ('encoder.layer.{l}.output.LayerNorm', 'layers/{l}/out_norm', 'layernorm'),
+    ('pooler.dense', 'pooler', 'linear'),
+)
+
+# PyTorch FLAIRModel <-> flair_jax.models.FLAIR. A tuple in the third column
+# is a sub-table whose names are prefixed by the first two.
+FLAIR = (
+    ('vision_model.model.', 'vision_model/', RESNET),
+    ('vision_model.projection_head_vision.projection', 'vision_projection/projection', 'linear'),
+    ('text_model.model.', 'text_model/', BERT),
+    ('text_model.projection_head_text.projection', 'text_projection/projection', 'linear'),
+    ('logit_scale', 'logit_scale', 'param'),
+)
+
+# PyTorch keys accepted on import and dropped, by table. Nothing else is.
+# Buffers saved by transformers < 4.31 (recomputed, carry no weights):
+BERT_EXTRAS = ('embeddings.position_ids',)
+FLAIR_EXTRAS = ('text_model.model.embeddings.position_ids',)
+# The ImageNet classifier of a torchvision ResNet-50 (FLAIR replaces it):
+RESNET_EXTRAS = ('fc.weight', 'fc.bias')
+
+
+class KeyMismatchError(ValueError):
+  """A state dict whose keys or shapes are not exactly the model's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One leaf: PyTorch key, NNX path, layout and the NNX shape and dtype."""
+  torch_key: str
+  nnx_path: str
+  layout: str
+  shape: tuple
+  dtype: np.dtype
+
+  @property
+  def torch_shape(self) -> tuple:
+    return torch_shape(self.layout, self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  torch_template: str
+  nnx_pattern: re.Pattern
+  layout: str
+
+
+def _rules(table, torch_prefix='', nnx_prefix=''):
+  for torch_name, nnx_name, kind in table:
+    if isinstance(kind, tuple):
+      yield from _rules(kind, torch_prefix + torch_name, nnx_prefix + nnx_name)
+      continue
+    for torch_leaf, nnx_leaf, layout in KINDS[kind]:
+      t = torch_prefix + torch_name + ('.' + torch_leaf if torch_leaf else '')
+      n = nnx_prefix + nnx_name + ('/' + nnx_leaf if nnx_leaf else '')
+      regex = re.sub(r'\\\{(\w)\\\}', r'(?P<\1>\\d+)', re.escape(n))
+      yield _Rule(t, re.compile(regex), layout)
+
+
+def torch_shape(layout: str, shape: Sequence[int]) -> tuple:
+  """PyTorch shape of an NNX leaf of ``shape`` under ``layout``."""
+  shape = tuple(shape)
+  if layout == CONV:
+    h, w, i, o = shape
+    return (o, i, h, w)
+  if layout == LINEAR:
+    return shape[::-1]
+  return shape
+
+
+def entries(table, abstract: Mapping[str, object]) -> list:
+  """The table's entries for a model whose NNX leaves are ``abstract``.
+
+  Args:
+    table: e.g. :data:`FLAIR`, :data:`RESNET` or :data:`BERT`.
+    abstract: flat ``{nnx_path: array or ShapeDtypeStruct}`` of the model.
+  Returns:
+    One :class:`Entry` per NNX leaf, in the order of ``abstract``.
+  Raises:
+    KeyError: a leaf no row maps (a table that lags behind the model).
+  """
+  rules = list(_rules(table))
+  out = []
+  for path, leaf in abstract.items():
+    for rule in rules:
+      m = rule.nnx_pattern.fullmatch(path)
+      if m:
+        out.append(Entry(rule.torch_template.format(**m.groupdict()), path,
+                         rule.layout, tuple(leaf.shape), np.dtype(leaf.dtype)))
+        break
+    else:
+      raise KeyError(f'NNX leaf {path!r} has no row in the conversion table')
+  return out
+
+
+def to_torch(table, state: Mapping[str, np.ndarray]) -> dict:
+  """Flat NNX state -> PyTorch state dict of NumPy arrays (OIHW, (out, in)).
+
+  Floating leaves become float32, ``num_batches_tracked`` int64.
+  """
+  sd = {}
+  for e in entries(table, state):
+    a = np.asarray(state[e.nnx_path])
+    if e.layout == CONV:
+      a = a.transpose(3, 2, 0, 1)
+    elif e.layout == LINEAR:
+      a = a.T
+    sd[e.torch_key] = np.array(a, np.int64 if e.layout == COUNT else np.float32, order='C')
+  return sd
+
+
+def check_keys(table, abstract: Mapping[str, object], sd: Mapping[str, object],
+               extras: Iterable[str] = (), what: str = 'state dict') -> list:
+  """Checks ``sd`` against the model; returns the entries.
+
+  Raises:
+    KeyMismatchError: naming every missing, unexpected and mis-shaped key.
+  """
+  extras = tuple(extras)
+  ents = entries(table, abstract)
+  expected = {e.torch_key: e for e in ents}
+  missing = [k for k in expected if k not in sd]
+  unexpected = sorted(k for k in sd if k not in expected and k not in set(extras))
+  misshaped = [f'{k} {tuple(np.shape(sd[k]))} (expected {e.torch_shape})'
+               for k, e in expected.items()
+               if k in sd and tuple(np.shape(sd[k])) != e.torch_shape]
+  problems = []
+  for label, keys in (('missing', missing), ('unexpected', unexpected),
+                      ('mis-shaped', misshaped)):
+    if keys:
+      problems.append(f'{len(keys)} {label} key(s): ' + ', '.join(keys))
+  if problems:
+    allowed = f'; tolerated extras: {", ".join(extras)}' if extras else ''
+    raise KeyMismatchError(
+        f'{what} does not match the model: ' + '; '.join(problems)
+        + f'. Expected exactly the {len(ents)} keys of the model{allowed}.')
+  return ents
+
+
+def from_torch(table, abstract: Mapping[str, object], sd: Mapping[str, object],
+               extras: Iterable[str] = (), what: str = 'state dict') -> dict:
+  """PyTorch state dict -> flat NNX state ``{nnx_path: np.ndarray}``.
+
+  Args:
+    table: the conversion table.
+    abstract: flat ``{nnx_path: ShapeDtypeStruct}`` of the target model.
+    sd: ``{torch_key: array}``; any float dtype (bf16, f16) becomes float32.
+    extras: keys dropped without complaint (documented per table).
+    what: names the source in errors.
+  Raises:
+    KeyMismatchError: the key set or a shape is not exactly the model's.
+  """
+  out = {}
+  for e in check_keys(table, abstract, sd, extras, what):
+    a = np.asarray(sd[e.torch_key])
+    if e.layout == CONV:
+      a = a.transpose(2, 3, 1, 0)
+    elif e.layout == LINEAR:
+      a = a.T
+    out[e.nnx_path] = np.array(a, dtype=e.dtype, order='C')
+  return out
+
+
+def flatten(tree: Mapping, prefix: str = '') -> dict:
+  """Nested state dict (``nnx.to_pure_dict`` form) -> ``{'a/b/0/c': leaf}``."""
+  out = {}
+  for k, v in tree.items():
+    path = f'{prefix}{k}'
+    if isinstance(v, Mapping):
+      out.update(flatten(v, path + '/'))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, object], like: Mapping, prefix: str = '') -> dict:
+  """Flat ``{path: leaf}`` -> nested dict shaped (and keyed) like ``like``."""
+  out = {}
+  for k, v in like.items():
+    path = f'{prefix}{k}'
+    out[k] = unflatten(flat, v, path + '/') if isinstance(v, Mapping) else flat[path]
+  return out

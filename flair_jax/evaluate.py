@@ -1,0 +1,91 @@
+"""Transfer evaluation of a FLAIR checkpoint on a downstream set.
+
+    python -m flair_jax.evaluate --checkpoint PATH --method zero-shot \\
+        --data DATASET_DIR_OR_NAME [--split test] [--data-dir DIR]
+    python -m flair_jax.evaluate --checkpoint PATH --method linear-probe \\
+        --data sets/25_REFUGE.csv --data-root /data/FUNDUS \\
+        --targets "no glaucoma,glaucoma" --folds 5
+
+Writes ``metrics.json``, ``predictions.npz`` and ``confusion_matrix.png`` to
+``--out`` and prints mean ± std over folds. The logic lives in
+``flair_jax.evaluation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import jax
+
+from flair_jax.evaluation import data, report, run
+from flair_jax.inference import FLAIRModel
+
+
+def _bool(text: str) -> bool:
+  if text.lower() in ('1', 'true', 'yes', 'on'):
+    return True
+  if text.lower() in ('0', 'false', 'no', 'off'):
+    return False
+  raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m flair_jax.evaluate',
+                              description=__doc__.splitlines()[0])
+  p.add_argument('--checkpoint', required=True,
+                 help='flair_jax checkpoint / workdir, or PyTorch FLAIR .pth / folder')
+  p.add_argument('--method', choices=run.METHODS, default='zero-shot')
+  p.add_argument('--data', required=True,
+                 help='built fundus_classification dataset folder or name, or a FLAIR CSV')
+  p.add_argument('--split', default='test', help='TFDS split to evaluate on')
+  p.add_argument('--data-dir', help='TFDS data dir when --data is a dataset name')
+  p.add_argument('--data-root', help='image root of a CSV')
+  p.add_argument('--targets', help='class names in label order ("a,b,c") or a JSON target map; '
+                 'required for a CSV, default for TFDS: the label names')
+  p.add_argument('--domain-knowledge', type=_bool, default=True,
+                 help='prompt with expert descriptions (zero-shot, adapters)')
+  p.add_argument('--knowledge', default='flair_repo',
+                 help="expert dictionary: 'flair_repo', 'seed' or a JSON file")
+  p.add_argument('--folds', type=int, help='default: 1 for zero-shot, 5 otherwise')
+  p.add_argument('--shots-train', help='per class, count or percentage (default 0%% / 80%%)')
+  p.add_argument('--shots-val', help='per class (default 0%%)')
+  p.add_argument('--shots-test', help='per class (default 100%% / 20%%)')
+  p.add_argument('--seed', type=int, default=0, help='fold k splits with seed + k')
+  p.add_argument('--batch-size', type=int, default=32)
+  p.add_argument('--image-size', type=int, help="default: the checkpoint's")
+  p.add_argument('--crop-foreground', type=_bool, default=False,
+                 help="FLAIR's field-of-view crop before resizing")
+  p.add_argument('--tokenizer', help="tokenizer folder or hub id (default: the checkpoint's)")
+  p.add_argument('--bert-type', help='text tower folder or hub id of a PyTorch FLAIR .pth '
+                 "(default: its config.json's, else Bio_ClinicalBERT)")
+  p.add_argument('--workers', type=int, default=4, help='image reading threads')
+  p.add_argument('--out', default='eval_results', help='output folder')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format='%(message)s')
+  logging.getLogger('flair_jax').setLevel(logging.INFO)
+  log = logging.getLogger('flair_jax.evaluate')
+  log.info('devices: %s', jax.devices())
+  model = FLAIRModel.from_pretrained(args.checkpoint, tokenizer=args.tokenizer,
+                                     bert_type=args.bert_type)
+  dataset = data.load(args.data, split=args.split, data_dir=args.data_dir,
+                      data_root=args.data_root, targets=args.targets)
+  experiment = run.Experiment(
+      method=args.method, folds=args.folds, shots_train=args.shots_train,
+      shots_val=args.shots_val, shots_test=args.shots_test, seed=args.seed,
+      domain_knowledge=args.domain_knowledge, knowledge=args.knowledge,
+      batch_size=args.batch_size, crop_foreground=args.crop_foreground,
+      image_size=args.image_size, num_workers=args.workers)
+  results = run.run(model, dataset, experiment)
+  paths = report.write_all(results, args.out)
+  print(report.table(results))
+  print('\nwrote ' + ', '.join(paths.values()))
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,163 @@
+"""Downstream classification sets: a built TFDS ``fundus_classification``
+dataset, or a FLAIR transferability CSV with its data root.
+
+A set is a random-access sequence of uint8 RGB images, their integer labels
+and the class names in label order (the zero-shot prompts).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import json
+import os
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from data_pipelines import images as images_lib
+
+Targets = Union[Mapping[str, int], Sequence[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DownstreamSet:
+  """Images (random access, uint8 ``[H, W, 3]``), labels ``[N]``, class names."""
+  name: str
+  images: Sequence
+  labels: np.ndarray
+  class_names: tuple
+
+  def __post_init__(self):
+    if len(self.images) != len(self.labels):
+      raise ValueError(f'{self.name}: {len(self.images)} images but {len(self.labels)} labels')
+
+
+def _decode(value) -> np.ndarray:
+  """Encoded bytes (PNG / JPEG) or an array -> uint8 ``[H, W, 3]``."""
+  if isinstance(value, (bytes, np.bytes_)):
+    return images_lib.decode(bytes(value))
+  return np.asarray(value, np.uint8)
+
+
+class _Lazy(Sequence):
+  """``fn(items[i])`` computed when indexed."""
+
+  def __init__(self, items, fn):
+    self._items, self._fn = items, fn
+
+  def __len__(self):
+    return len(self._items)
+
+  def __getitem__(self, i):
+    return self._fn(self._items[i])
+
+
+def read_targets(targets: Union[str, Targets]) -> dict[str, int]:
+  """A class-name -> label map from a mapping, a name list (label = position),
+  a JSON file of either, or a comma-separated string."""
+  if isinstance(targets, str):
+    if os.path.isfile(targets):
+      with open(targets, encoding='utf-8') as f:
+        targets = json.load(f)
+    else:
+      targets = [t.strip() for t in targets.split(',') if t.strip()]
+  if isinstance(targets, Mapping):
+    out = {str(k): int(v) for k, v in targets.items()}
+  else:
+    out = {str(name): i for i, name in enumerate(targets)}
+  if sorted(out.values()) != list(range(len(out))):
+    raise ValueError(f'target map {out} must give the labels 0..{len(out) - 1} once each')
+  return out
+
+
+def class_names(targets: Mapping[str, int]) -> tuple:
+  return tuple(sorted(targets, key=targets.get))
+
+
+def from_csv(csv_path: str, data_root: str, targets: Union[str, Targets]) -> DownstreamSet:
+  """A FLAIR transferability CSV (``image``, ``categories`` columns).
+
+  A sample's label is the target of its FIRST category, as FLAIR's loader
+  takes it; list cells are parsed with ``ast.literal_eval``.
+  """
+  targets = read_targets(targets)
+  paths, labels, unknown = [], [], {}
+  with open(csv_path, newline='', encoding='utf-8') as f:
+    for row_number, row in enumerate(csv.DictReader(f), start=2):
+      try:
+        categories = ast.literal_eval(row['categories'])
+        first = categories[0]
+      except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
+        raise ValueError(f'{csv_path}:{row_number}: categories cell {row.get("categories")!r} '
+                         'is not a non-empty list literal like "[\'glaucoma\']"') from None
+      if first not in targets:
+        unknown[first] = unknown.get(first, 0) + 1
+        continue
+      paths.append(os.path.join(data_root, row['image']))
+      labels.append(targets[first])
+  if unknown:
+    raise ValueError(f'{csv_path}: first categories {unknown} are not in the targets '
+                     f'{list(targets)}; add them to the target map')
+
+  def load(path):
+    with images_lib.open_checked(path) as img:
+      images_lib.load(img)
+      return np.asarray(images_lib.to_rgb(img), np.uint8)
+
+  name = os.path.splitext(os.path.basename(csv_path))[0]
+  return DownstreamSet(name, _Lazy(paths, load), np.asarray(labels, np.int64), class_names(targets))
+
+
+def from_tfds(dataset: str, split: str = 'test', data_dir: Optional[str] = None,
+              targets: Optional[Union[str, Targets]] = None) -> DownstreamSet:
+  """A built ``fundus_classification`` dataset (array_record; no TensorFlow).
+
+  Args:
+    dataset: a dataset folder (``.../fundus_classification/<config>/<version>``)
+      or a name (``fundus_classification/<config>``) found under ``data_dir``.
+    split: the split to read.
+    targets: class names in label order; default: the ``label`` feature's
+      names.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(dataset):
+    builder = tfds.builder_from_directory(dataset)
+  else:
+    import data_pipelines.builders  # pylint: disable=unused-import  # registers the builders
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  source = builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  labels = np.asarray([int(source[i]['label']) for i in range(len(source))], np.int64)
+  if targets is not None:
+    names = class_names(read_targets(targets))
+  else:
+    names = tuple(getattr(builder.info.features['label'], 'names', ()))
+    if not names:
+      raise ValueError(f'{dataset}: the label feature has no class names; pass the targets')
+  images = _Lazy(_Examples(source), _decode)
+  return DownstreamSet(f'{builder.info.full_name}:{split}', images, labels, names)
+
+
+class _Examples(Sequence):
+  """The ``image`` field of a TFDS data source, by index."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    return self._source[i]['image']
+
+
+def load(data: str, *, split: str = 'test', data_dir: Optional[str] = None,
+         data_root: Optional[str] = None, targets=None) -> DownstreamSet:
+  """A set from a CSV path (with ``data_root`` and ``targets``) or a TFDS dataset."""
+  if data.endswith('.csv'):
+    if data_root is None or targets is None:
+      raise ValueError(f'{data} is a CSV: pass the data root of its image paths and the targets '
+                       '(class names in label order, or a JSON target map)')
+    return from_csv(data, data_root, targets)
+  return from_tfds(data, split, data_dir, targets)

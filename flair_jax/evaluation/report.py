@@ -1,0 +1,114 @@
+"""Writing results: metrics JSON, a console table and a confusion-matrix PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+from flair_jax.evaluation.metrics import SCALARS
+
+_LABELS = {'aca': 'ACA (balanced accuracy)', 'kappa': "Cohen's kappa (quadratic)",
+           'f1_avg': 'F1 (macro)', 'auc_avg': 'AUC (one-vs-rest, macro)',
+           'sensitivity_avg': 'sensitivity (macro)', 'specificity_avg': 'specificity (macro)'}
+_PER_CLASS = (('sensitivity_class', 'sens'), ('specificity_class', 'spec'),
+              ('f1_class', 'F1'), ('auc_class', 'AUC'))
+
+
+def _fmt(mean, std) -> str:
+  if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    return 'n/a'
+  return f'{mean:.3f} ± {std:.3f}'
+
+
+def table(results: Mapping) -> str:
+  """Mean ± std over folds of every metric, then per class."""
+  summary, names = results['summary'], results['class_names']
+  exp = results['experiment']
+  lines = [f"{results['dataset']}: {exp['method']}, {exp['folds']} fold(s), shots train "
+           f"{exp['shots_train']} / val {exp['shots_val']} / test {exp['shots_test']}, "
+           f"{results['num_samples']} images"]
+  width = max(len(v) for v in _LABELS.values())
+  lines += [f'  {_LABELS[k]:<{width}}  {_fmt(summary[k]["mean"], summary[k]["std"])}'
+            for k in SCALARS]
+  name_width = max([len('class')] + [len(n) for n in names])
+  header = f"  {'class':<{name_width}}" + ''.join(f'  {h:>13}' for _, h in _PER_CLASS)
+  lines += ['', header]
+  for i, name in enumerate(names):
+    cells = ''.join(f"  {_fmt(summary[k]['mean'][i], summary[k]['std'][i]):>13}"
+                    for k, _ in _PER_CLASS)
+    lines.append(f'  {name:<{name_width}}{cells}')
+  return '\n'.join(lines)
+
+
+def _jsonable(x):
+  if isinstance(x, float) and math.isnan(x):
+    return None
+  if isinstance(x, Mapping):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return _jsonable(x.item())
+  return x
+
+
+def write_json(results: Mapping, path: str) -> None:
+  """The results as JSON (NaN written as null), without the predictions."""
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(_jsonable({k: v for k, v in results.items() if k != 'predictions'}), f, indent=2)
+    f.write('\n')
+
+
+def plot_confusion(results: Mapping, path: str) -> None:
+  """PNG of the confusion matrix: summed counts over folds, row-normalised colour."""
+  # The object API renders with Agg and touches no global pyplot state.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  cm = np.sum([np.asarray(f['cm'], np.float64) for f in results['folds']], axis=0)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    norm = cm / cm.sum(1, keepdims=True)
+  names = results['class_names']
+  size = 1.2 + 0.9 * len(names)
+  fig = Figure(figsize=(size + 1.5, size))
+  ax = fig.subplots()
+  image = ax.imshow(np.nan_to_num(norm), cmap='Blues', vmin=0, vmax=1)
+  for i in range(len(names)):
+    for j in range(len(names)):
+      ax.text(j, i, f'{int(cm[i, j])}\n{np.nan_to_num(norm[i, j]):.2f}', ha='center',
+              va='center', fontsize=8, color='white' if norm[i, j] > 0.5 else 'black')
+  ax.set_xticks(range(len(names)), names, rotation=45, ha='right')
+  ax.set_yticks(range(len(names)), names)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  exp = results['experiment']
+  summary = results['summary']
+  ax.set_title(f"{results['dataset']} {exp['method']}: ACA {summary['aca']['mean']:.3f}",
+               fontsize=10)
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def write_predictions(results: Mapping, path: str) -> None:
+  """Per-fold test indices and probabilities: ``fold{k}_indices``, ``fold{k}_probs``."""
+  arrays = {}
+  for k, fold in enumerate(results.get('predictions', ())):
+    arrays[f'fold{k}_indices'] = np.asarray(fold['test_indices'])
+    arrays[f'fold{k}_probs'] = np.asarray(fold['probs'], np.float32)
+  np.savez_compressed(path, class_names=np.asarray(results['class_names']), **arrays)
+
+
+def write_all(results: Mapping, out_dir: str) -> dict:
+  """``metrics.json``, ``predictions.npz`` and ``confusion_matrix.png`` in ``out_dir``."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {'metrics': os.path.join(out_dir, 'metrics.json'),
+           'predictions': os.path.join(out_dir, 'predictions.npz'),
+           'confusion_matrix': os.path.join(out_dir, 'confusion_matrix.png')}
+  write_json(results, paths['metrics'])
+  write_predictions(results, paths['predictions'])
+  plot_confusion(results, paths['confusion_matrix'])
+  return paths

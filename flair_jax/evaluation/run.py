@@ -1,0 +1,122 @@
+"""One transfer experiment: features once, then k folds of split, fit, score.
+
+PyTorch FLAIR's ``main_transferability`` re-extracts features in every fold;
+the image tower is frozen and in eval mode, so extracting once gives the
+same numbers. Fold ``k`` splits with seed ``seed + k`` (FLAIR: ``k``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+
+from flair_jax.evaluation import adapters, features, linear_probe, metrics, splits, zero_shot
+from flair_jax.evaluation.data import DownstreamSet
+
+logger = logging.getLogger(__name__)
+
+METHODS = ('zero-shot', 'linear-probe', 'clip-adapter', 'tip-adapter', 'tip-adapter-f')
+# FLAIR's README: zero-shot on the whole set; linear probe 80/20 over 5 folds.
+DEFAULT_SHOTS = {'zero-shot': ('0%', '0%', '100%', 1)}
+DEFAULT_TRAINED = ('80%', '0%', '20%', 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What to run. ``None`` shots / folds take the method's defaults."""
+  method: str = 'zero-shot'
+  folds: Optional[int] = None
+  shots_train: Optional[str] = None
+  shots_val: Optional[str] = None
+  shots_test: Optional[str] = None
+  seed: int = 0
+  domain_knowledge: bool = True
+  knowledge: str = 'flair_repo'
+  batch_size: int = 32
+  crop_foreground: bool = False
+  image_size: Optional[int] = None  # default: the model's
+  num_workers: int = 4  # image reading threads
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f'method {self.method!r} unknown; expected one of {METHODS}')
+
+  def resolved(self) -> 'Experiment':
+    """This experiment with the method's default shots and folds filled in."""
+    train, val, test, folds = DEFAULT_SHOTS.get(self.method, DEFAULT_TRAINED)
+    pick = lambda v, d: d if v is None else v
+    return dataclasses.replace(self, shots_train=str(pick(self.shots_train, train)),
+                               shots_val=str(pick(self.shots_val, val)),
+                               shots_test=str(pick(self.shots_test, test)),
+                               folds=int(pick(self.folds, folds)))
+
+
+def _fold_probs(method, fold_seed, split, feat_nf, emb_nd, labels_n, prototypes_cd,
+                logit_scale, num_classes):
+  """Class probabilities ``[N_test, C]`` of one fold."""
+  train, test = split['train'], split['test']
+  if method == 'zero-shot':
+    return zero_shot.predict(emb_nd[test], prototypes_cd, logit_scale)
+  if train.size == 0:
+    raise ValueError(f'{method} needs training samples; raise shots_train (now 0 per class)')
+  if method == 'linear-probe':
+    classifier = linear_probe.fit(feat_nf[train], labels_n[train])
+    return linear_probe.predict(classifier, feat_nf[test], num_classes)
+  if method == 'clip-adapter':
+    params, _ = adapters.fit_clip_adapter(emb_nd[train], labels_n[train], prototypes_cd,
+                                          logit_scale, seed=fold_seed)
+    return adapters.predict_clip_adapter(params, emb_nd[test], prototypes_cd, logit_scale)
+  if method == 'tip-adapter':
+    keys, values = adapters.tip_cache(emb_nd[train], labels_n[train], num_classes)
+  else:
+    keys, values, _ = adapters.fit_tip_adapter_f(emb_nd[train], labels_n[train], prototypes_cd,
+                                                 logit_scale, num_classes, seed=fold_seed)
+  return adapters.predict_tip_adapter(emb_nd[test], prototypes_cd, keys, values)
+
+
+def run(model, data: DownstreamSet, experiment: Experiment, *, encoder=None,
+        progress: bool = True) -> dict:
+  """Runs an experiment on a set with a ``FLAIRModel``.
+
+  Returns:
+    ``{'experiment', 'dataset', 'class_names', 'num_samples', 'folds':
+    [per-fold metrics + split sizes], 'summary': metrics.average_folds,
+    'predictions': [per fold {'test_indices' [M], 'probs' [M, C]}]}``.
+  """
+  exp = experiment.resolved()
+  num_classes = len(data.class_names)
+  if data.labels.size and data.labels.max() >= num_classes:
+    raise ValueError(f'{data.name}: label {int(data.labels.max())} but only {num_classes} classes')
+  encoder = encoder or features.ImageEncoder(model.graphdef, model.state)
+  feat_nf, emb_nd = features.extract(
+      encoder, data.images, image_size=exp.image_size or model.image_size,
+      batch_size=exp.batch_size, crop=exp.crop_foreground, desc=f'{data.name} features',
+      num_workers=exp.num_workers, progress=progress)
+  prototypes_cd = None
+  if exp.method != 'linear-probe':
+    _, prototypes_cd = model.compute_text_embeddings(
+        list(data.class_names), domain_knowledge=exp.domain_knowledge, knowledge=exp.knowledge)
+  # FLAIR's adapters exponentiate the stored parameter (its forward clamps).
+  logit_scale = model.logit_scale(clamped=False)
+
+  folds, predictions = [], []
+  for k in range(exp.folds):
+    fold_seed = exp.seed + k
+    split = splits.fold_split(data.labels, shots_train=exp.shots_train, shots_val=exp.shots_val,
+                              shots_test=exp.shots_test, seed=fold_seed)
+    if split['test'].size == 0:
+      raise ValueError(f'fold {k}: the test split is empty; raise shots_test')
+    probs = _fold_probs(exp.method, fold_seed, split, feat_nf, emb_nd, data.labels,
+                        prototypes_cd, logit_scale, num_classes)
+    fold = metrics.classification_metrics(data.labels[split['test']], probs)
+    fold.update({f'n_{name}': int(idx.size) for name, idx in split.items()})
+    predictions.append({'test_indices': split['test'], 'probs': probs})
+    logger.info('fold %d: aca %.4f kappa %.4f macro F1 %.4f', k, fold['aca'], fold['kappa'],
+                 fold['f1_avg'])
+    folds.append(fold)
+  return {'experiment': dataclasses.asdict(exp), 'dataset': data.name,
+          'class_names': list(data.class_names), 'num_samples': int(data.labels.size),
+          'folds': folds, 'summary': metrics.average_folds(folds), 'predictions': predictions}

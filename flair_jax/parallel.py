@@ -1,0 +1,84 @@
+"""Device mesh, shardings, global batches and multi-process start-up.
+
+The batch is split over the mesh axis ``'data'``; parameters are replicated
+(an ``'fsdp'`` axis of size 1 is kept in the mesh so that sharding them later
+changes no call site). On several processes (hosts), each feeds its own
+local slice of the batch and JAX's multi-controller runtime does the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp')
+BATCH_AXIS = 'data'
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ``('data', 'fsdp')`` mesh over all devices of all processes.
+
+  Args:
+    data: size of the data axis; -1 takes all devices left after ``fsdp``.
+    fsdp: size of the fsdp axis.
+    devices: defaults to ``jax.devices()`` (every process's devices).
+  Returns:
+    a Mesh with automatic (classic GSPMD) axis types.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f'fsdp axis size {fsdp} must be >= 1 and divide the {n} devices')
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f'mesh data={data} x fsdp={fsdp} does not cover the {n} devices; '
+                     f'use data=-1 or sizes whose product is {n}')
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(auto, auto), devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over ``'data'``, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full array on every device."""
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """A pytree of global arrays, batch-sharded, from this process's slice.
+
+  Args:
+    local_batch: pytree of host arrays ``[B_local, ...]``, this process's
+      part of the global batch (every process passes the same structure).
+    mesh: the training mesh.
+  Returns:
+    the same pytree of ``jax.Array`` shaped ``[B_local * num_processes, ...]``.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)
+
+
+def maybe_initialize_distributed(enabled: bool, coordinator_address: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> bool:
+  """Start JAX's multi-process runtime when asked to; call before any JAX use.
+
+  With ``enabled`` False, or one process, nothing happens. On TPU pods and
+  managed GPU clusters (SLURM, ...) the arguments may stay None and are
+  detected from the environment.
+
+  Returns:
+    whether ``jax.distributed.initialize`` was called.
+  """
+  if not enabled or num_processes == 1 or jax.distributed.is_initialized():
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True

@@ -1,0 +1,107 @@
+"""Mesh, shardings, global batches; a real two-process run on CPU (gloo)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flair_jax import losses, parallel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_make_mesh_covers_all_devices_with_auto_axes():
+  mesh = parallel.make_mesh()
+  assert dict(mesh.shape) == {'data': jax.device_count(), 'fsdp': 1}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  if jax.device_count() >= 8:
+    assert dict(parallel.make_mesh(data=4, fsdp=2).shape) == {'data': 4, 'fsdp': 2}
+
+
+def test_make_mesh_refuses_sizes_that_do_not_cover_the_devices():
+  with pytest.raises(ValueError, match='does not cover the'):
+    parallel.make_mesh(data=jax.device_count() + 1)
+  with pytest.raises(ValueError, match='fsdp axis size 0'):
+    parallel.make_mesh(fsdp=0)
+
+
+def test_global_batch_on_one_process_is_the_local_batch_sharded():
+  mesh = parallel.make_mesh()
+  n = jax.device_count()
+  local = {'image': np.arange(2 * n * 3, dtype=np.uint8).reshape(2 * n, 3),
+           'category': np.arange(2 * n, dtype=np.int32)}
+  batch = parallel.global_batch(local, mesh)
+  for key, value in local.items():
+    np.testing.assert_array_equal(np.asarray(batch[key]), value)
+    assert batch[key].sharding.is_equivalent_to(parallel.batch_sharding(mesh), value.ndim)
+    assert {s.data.shape[0] for s in batch[key].addressable_shards} == {2}
+
+
+def test_replicated_places_the_whole_array_on_every_device():
+  x = jax.device_put(jnp.arange(5.0), parallel.replicated(parallel.make_mesh()))
+  assert all(s.data.shape == (5,) for s in x.addressable_shards)
+
+
+def test_maybe_initialize_distributed_calls_jax_only_when_asked(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  assert not parallel.maybe_initialize_distributed(False, 'host:1234', 4, 0)
+  assert not parallel.maybe_initialize_distributed(True, num_processes=1)
+  assert calls == []
+  assert parallel.maybe_initialize_distributed(True, 'host:1234', 4, 2)
+  assert calls == [dict(coordinator_address='host:1234', num_processes=4, process_id=2)]
+
+
+def _worker(process_id, port):
+  """One of two processes x 2 CPU devices: global batch + sharded loss."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  assert parallel.maybe_initialize_distributed(True, f'localhost:{port}', 2, process_id)
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  img, txt = rng.standard_normal((2, 8, 5)).astype(np.float32)
+  cat = np.array([0, 1, 1, 2, 0, 3, 3, 3], np.int32)
+  mine = slice(4 * process_id, 4 * process_id + 4)
+  batch = parallel.global_batch({'img': img[mine], 'txt': txt[mine], 'cat': cat[mine]}, mesh)
+  loss = jax.jit(losses.sharded_label_aware_contrastive_loss(mesh))(
+      batch['img'], batch['txt'], jnp.float32(1.0), batch['cat'])
+  print(json.dumps({
+      'devices': jax.device_count(), 'shape': list(batch['img'].shape),
+      'local_rows': sorted(int(s.index[0].start) for s in batch['img'].addressable_shards),
+      'loss': float(loss),
+      'reference': float(losses.label_aware_contrastive_loss(img, txt, jnp.float32(1.0), cat)),
+  }))
+
+
+def test_two_processes_assemble_the_global_batch_and_agree_on_the_loss():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  results = []
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  assert [r['local_rows'] for r in results] == [[0, 2], [4, 6]]
+  for r in results:
+    assert r['devices'] == 4 and r['shape'] == [8, 5]
+    np.testing.assert_allclose(r['loss'], r['reference'], rtol=1e-6)
+
+
+if __name__ == '__main__':
+  _worker(int(sys.argv[1]), int(sys.argv[2]))
