@@ -106,33 +106,48 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH
 def build_wordpiece_vocab(texts: Iterable[str], out_dir: str | os.PathLike, *,
                           vocab_size: int = 2048, lowercase: bool = True, min_frequency: int = 1,
                           max_length: int = MAX_LENGTH):
-  """Trains a small WordPiece vocabulary and saves a loadable tokenizer folder.
+  """Builds a small WordPiece vocabulary and saves a loadable tokenizer folder.
 
   For an offline text tower trained from scratch (no Bio_ClinicalBERT). The
-  folder gets ``vocab.txt``, ``tokenizer.json`` and ``tokenizer_config.json``;
+  text is normalised and split into words by the ``tokenizers`` library's
+  BERT normaliser and pre-tokenizer; the vocabulary is the special tokens,
+  every character (alone and as a ``##`` continuation) and the most frequent
+  whole words (ties in alphabetical order). Unlike a trained WordPiece
+  model, whose merge ties are broken by hash order, the same texts always
+  give the same file, so token ids are reproducible across runs and hosts.
+  The folder gets ``vocab.txt`` and the tokenizer config;
   ``BertTokenizer.from_pretrained(out_dir)`` and ``load_tokenizer(out_dir)``
   read it back.
 
   Args:
-    texts: training sentences (e.g. captions and expert descriptions).
+    texts: sentences (e.g. captions and expert descriptions).
     out_dir: folder to write (created if missing).
-    vocab_size: upper bound; a small corpus gives fewer tokens.
-    lowercase: lower-case (and strip accents) before WordPiece, as
-      uncased BERT does.
-    min_frequency: minimum count of a merged piece.
+    vocab_size: upper bound on the vocabulary; whole words beyond it are
+      left to character pieces.
+    lowercase: lower-case (and strip accents) first, as uncased BERT does.
+    min_frequency: minimum count of a whole word.
   Returns:
     the ``transformers.BertTokenizer``, ``model_max_length = max_length``.
   """
+  import collections  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
+  normalizer = tokenizers.normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+  splitter = tokenizers.pre_tokenizers.BertPreTokenizer()
+  counts = collections.Counter()
+  for text in texts:
+    counts.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+  chars = sorted({c for w in counts for c in w})
+  vocab = list(SPECIAL_TOKENS) + chars + [f'##{c}' for c in chars]
+  words = sorted((w for w, n in counts.items() if n >= min_frequency and len(w) > 1),
+                 key=lambda w: (-counts[w], w))
+  vocab += words[:max(0, vocab_size - len(vocab))]
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  trainer = tokenizers.BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
-  trainer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=min_frequency,
-                              special_tokens=list(SPECIAL_TOKENS))
-  trainer.save_model(out_dir)
-  tokenizer = transformers.BertTokenizer(vocab=os.path.join(out_dir, 'vocab.txt'),
-                                         do_lower_case=lowercase, strip_accents=lowercase,
-                                         model_max_length=max_length)
+  vocab_file = os.path.join(out_dir, 'vocab.txt')
+  with open(vocab_file, 'w', encoding='utf-8') as f:
+    f.write('\n'.join(vocab) + '\n')
+  tokenizer = transformers.BertTokenizer(vocab=vocab_file, do_lower_case=lowercase,
+                                         strip_accents=lowercase, model_max_length=max_length)
   tokenizer.save_pretrained(out_dir)
   return tokenizer

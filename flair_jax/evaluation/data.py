@@ -161,3 +161,21 @@ def load(data: str, *, split: str = 'test', data_dir: Optional[str] = None,
                        '(class names in label order, or a JSON target map)')
     return from_csv(data, data_root, targets)
   return from_tfds(data, split, data_dir, targets)
+
+
+def from_pretraining_split(path: str, split: str = 'test') -> DownstreamSet:
+  """A split of a built pre-training set (e.g. ``fundus_synthetic``'s held-out
+  ``test``) as a downstream set: label = the first category; classes sorted."""
+  from data_pipelines import build as build_lib  # pylint: disable=g-import-not-at-top
+  source = build_lib.data_source(path, split, decode_images=False)
+  firsts = []
+  for i in range(len(source)):
+    cats = source[i]['categories']
+    if len(cats) == 0:
+      raise ValueError(f'{path}:{split} example {i} has no category to use as its label')
+    first = cats[0]
+    firsts.append(first.decode() if isinstance(first, bytes) else str(first))
+  names = tuple(sorted(set(firsts)))
+  labels = np.asarray([names.index(c) for c in firsts], np.int64)
+  name = f'{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path))))}:{split}'
+  return DownstreamSet(name, _Lazy(_Examples(source), _decode), labels, names)

@@ -1,0 +1,73 @@
+"""The config shared by every recipe; recipes override fields of it."""
+
+import ml_collections
+
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a training run reads, with FLAIR's paper values."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # 'fundus_synthetic' is built in the workdir when absent; 'fundus_assembly'
+  # (or any builder with the shared schema) must be built beforehand with
+  # `python -m data_pipelines build fundus_assembly ...`.
+  c.data.name = 'fundus_assembly'
+  c.data.path = ''  # a built dataset folder (.../<builder>/<config>/<version>)
+  c.data.build = ml_collections.ConfigDict()  # builder options when built here
+  c.data.sampling = 'balanced'  # FLAIR's: dataset uniformly, then an image
+  c.data.epoch_length = 0  # 0: the number of pre-training images
+  c.data.knowledge = 'flair_repo'  # expert-knowledge dictionary ('seed', a path, or '')
+  c.data.worker_count = 0
+  c.data.read_threads = 2
+
+  c.model = ml_collections.ConfigDict()
+  # Text tower: a Hugging Face BERT id or local folder (weights + tokenizer),
+  # or '' to train from scratch with a WordPiece vocabulary built from the
+  # captions (needs model.bert for its shape).
+  c.model.bert_type = 'emilyalsentzer/Bio_ClinicalBERT'
+  c.model.bert = ml_collections.ConfigDict()  # shape overrides when bert_type is ''
+  c.model.resnet_stages = (3, 4, 6, 3)
+  c.model.resnet_width = 64
+  c.model.resnet_weights = ''  # torchvision ResNet-50 state dict file (IMAGENET1K_V2)
+  c.model.proj_dim = 512
+  c.model.text_pooling = 'flair'
+  c.model.image_size = 512
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128  # global
+  c.train.epochs = 15
+  c.train.lr = 1e-4
+  c.train.weight_decay = 1e-5
+  c.train.warmup_epochs = 1
+  c.train.schedule = 'flair'  # FLAIR's 100-epoch cosine horizon; or 'cosine'
+  c.train.horizon_epochs = 100
+  c.train.clip_norm = 1.0
+  c.train.compute_dtype = 'auto'  # bfloat16 on accelerators, float32 on CPU
+  c.train.augment = True
+  c.train.text_dropout = True
+  c.train.remat = False
+  # Parameters left out of the optimiser (regexes over '/'-joined paths);
+  # the BERT pooler gets no gradient in PyTorch FLAIR, so it is not updated.
+  c.train.frozen = ('text_model/pooler/.*',)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0  # 0: once per epoch
+  c.checkpoint.keep = 3
+
+  c.log_every_steps = 50
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0: at the end only
+  # Zero-shot sets: 'synthetic' (the built synthetic test split) or built
+  # fundus_classification folders.
+  c.eval.sets = ()
+  c.eval.domain_knowledge = True
+  c.eval.batch_size = 64
+
+  c.export_torch = False  # write a PyTorch FLAIR folder at the end
+  c.plots = True
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # jax.distributed.initialize() on every host
+  return c

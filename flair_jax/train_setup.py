@@ -1,0 +1,163 @@
+"""What a training run needs before its first step: the built data, the
+tokenizer, the model (initialised, born sharded), the optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from data_pipelines import build as build_lib
+from data_pipelines import captions as captions_lib
+from data_pipelines import categories as categories_lib
+from data_pipelines import knowledge as knowledge_lib
+from data_pipelines import tokenizer as tokenizer_lib
+from flair_jax import checkpoint, optim
+from flair_jax.convert import pretrained
+from flair_jax.models import BertConfig
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC = 'fundus_synthetic'
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The configured pre-training data is not built."""
+
+
+def compute_dtype(name: str):
+  """``'auto'``: bfloat16 on accelerators, float32 on the CPU."""
+  if name == 'auto':
+    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """The version folder of the pre-training dataset, building it if allowed.
+
+  The synthetic set is built under ``<workdir>/data`` when absent; any other
+  set must have been built with ``python -m data_pipelines build``.
+  """
+  if cfg.path:
+    path = os.path.abspath(os.path.expanduser(cfg.path))
+    if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
+      raise DataNotFoundError(
+          f'{path} is not a built dataset (no dataset_info.json). Build it with\n'
+          f'  python -m data_pipelines build {cfg.name} --data-dir DIR [options]\n'
+          'and pass the version folder it prints (".../<config>/<version>") as '
+          '--config.data.path.')
+    return path
+  if cfg.name != SYNTHETIC:
+    raise DataNotFoundError(
+        f'no pre-training data given for {cfg.name!r}. Build it once with\n'
+        f'  python -m data_pipelines build {cfg.name} --data-dir DIR --dataframes CSV_DIR '
+        '--data-root IMAGES_DIR\n'
+        'then pass the folder it reports as --config.data.path=DIR/<builder>/<config>/<version>.')
+  report = build_lib.build(SYNTHETIC, os.path.join(workdir, 'data'), **dict(cfg.build))
+  return report['path']
+
+
+def train_sources(path: str):
+  """The ``train`` split as a random-access source (images still encoded)."""
+  source = build_lib.data_source(path, 'train', decode_images=False)
+  if len(source) == 0:
+    raise DataNotFoundError(f'the train split of {path} is empty; rebuild the dataset')
+  return [source]
+
+
+def _vocabulary_texts(sources, knowledge: Optional[str]):
+  """Every word a caption can hold: template, attributes, categories, descriptions."""
+  attributes, cats = set(), set(categories_lib.CATEGORIES)
+  for source in sources:
+    for i in range(len(source)):
+      record = source[i]
+      attributes.update(captions_lib.as_texts(record['attributes']))
+      cats.update(captions_lib.as_texts(record['categories']))
+  texts = [f'A {a} fundus photograph of {c}' for a in sorted(attributes | {''})
+           for c in sorted(cats)]
+  for name in ('flair_repo', 'seed') + ((knowledge,) if knowledge else ()):
+    for descriptions in knowledge_lib.load_knowledge(name).values():
+      texts.extend(f'A fundus photograph of {d}' for d in descriptions)
+  return texts
+
+
+def prepare_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, sources):
+  """``(tokenizer, tokenizer_folder)``: the BERT's own, or a WordPiece one
+  built from the captions into ``<workdir>/tokenizer`` (kept across runs)."""
+  if cfg.model.bert_type:
+    return tokenizer_lib.load_tokenizer(cfg.model.bert_type), cfg.model.bert_type
+  folder = os.path.join(workdir, 'tokenizer')
+  if not os.path.isfile(os.path.join(folder, 'vocab.txt')):
+    tokenizer_lib.build_wordpiece_vocab(_vocabulary_texts(sources, cfg.data.knowledge), folder)
+  return tokenizer_lib.load_tokenizer(folder), folder
+
+
+def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: str):
+  """``(ModelConfig, bert_state or None)`` from the config.
+
+  With a ``bert_type`` the text tower takes that checkpoint's shape and
+  weights; otherwise its shape comes from ``model.bert`` and the vocabulary.
+  """
+  bert_state = None
+  if cfg.model.bert_type:
+    bert, bert_state = pretrained.load_hf_bert(cfg.model.bert_type)
+  else:
+    bert = BertConfig.from_dict(dict(cfg.model.bert) | {'vocab_size': len(tokenizer)})
+  mc = checkpoint.ModelConfig(
+      bert=bert, bert_type=os.path.abspath(tokenizer_folder) if not cfg.model.bert_type
+      else tokenizer_folder,
+      resnet_stages=tuple(cfg.model.resnet_stages), resnet_width=cfg.model.resnet_width,
+      proj_dim=cfg.model.proj_dim, text_pooling=cfg.model.text_pooling,
+      image_size=cfg.model.image_size)
+  return mc, bert_state
+
+
+def init_model(mc, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
+  """The model, initialised by one jitted function with its state born on
+  ``sharding``; then the pre-trained towers named in the config."""
+  seed = cfg.seed
+  abstract = nnx.eval_shape(lambda: checkpoint.build_model(mc, dtype, nnx.Rngs(seed)))
+  graphdef = nnx.graphdef(abstract)
+  init = jax.jit(lambda: nnx.state(checkpoint.build_model(mc, dtype, nnx.Rngs(seed))),
+                 out_shardings=sharding)
+  model = nnx.merge(graphdef, init())
+  if cfg.model.resnet_weights:
+    checkpoint.assign_state(model.vision_model, pretrained.load_torchvision_resnet(
+        cfg.model.resnet_weights, mc.resnet_stages, mc.resnet_width))
+    logger.info('image tower from %s', cfg.model.resnet_weights)
+  if bert_state is not None:
+    checkpoint.assign_state(model.text_model, bert_state)
+    logger.info('text tower from %s', cfg.model.bert_type)
+  return model
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+  t = cfg.train
+  if t.schedule == 'flair':
+    return optim.flair_schedule(t.lr, steps_per_epoch, warmup_epochs=t.warmup_epochs,
+                                horizon_epochs=t.horizon_epochs)
+  if t.schedule == 'cosine':
+    return optim.warmup_cosine_schedule(t.lr, t.warmup_epochs * steps_per_epoch, total_steps)
+  raise ValueError(f'train.schedule {t.schedule!r} unknown; expected "flair" or "cosine"')
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, schedule):
+  t = cfg.train
+  frozen = tuple(t.frozen)
+  return optim.make_optimizer(
+      schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm or None,
+      trainable_mask=(lambda p: optim.trainable_mask(p, frozen)) if frozen else None)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)

@@ -1,0 +1,309 @@
+"""The pre-training loop: ``train_and_evaluate(config, workdir)``.
+
+A run resumes from its workdir first (the latest complete checkpoint: model,
+optimiser, step and the data iterator's position), else starts from the
+initial weights the config names. SIGTERM and Ctrl-C save the current step
+and return; a non-finite loss stops the run naming the step, keeping the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from data_pipelines import pipeline
+from flair_jax import checkpoint, parallel, train_log, train_setup
+from flair_jax import step as step_lib
+
+logger = logging.getLogger(__name__)
+
+EXPORT_DIR = 'export_torch'
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+def _merge_dicts(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge_dicts(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
+
+
+def _select(tree: dict, like: dict) -> dict:
+  """The part of nested dict ``tree`` whose keys appear in ``like``."""
+  return {k: _select(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpoints:
+  """Orbax ``CheckpointManager`` over ``<workdir>/checkpoints``.
+
+  Items: ``model`` (all parameters and BatchNorm statistics, the layout that
+  ``flair_jax.checkpoint`` and the converter read), ``opt_state``, ``meta``
+  (step and config) and ``data`` (the grain iterator's position). Saves are
+  asynchronous; orbax finalises a step folder only once every item is
+  written, so a checkpoint is complete or absent.
+  """
+
+  def __init__(self, workdir: str, keep: int):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_DIR), options=options)
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, state: step_lib.TrainState, data_iter, config_json: dict) -> None:
+    step = int(jax.device_get(state.step))
+    model = _merge_dicts(nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
+    self.manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        meta=ocp.args.JsonSave({'step': step, 'config': config_json}),
+        data=grain.checkpoint.CheckpointSave(data_iter)))
+
+  def restore(self, state: step_lib.TrainState, data_iter) -> step_lib.TrainState:
+    """The latest checkpoint restored into the shapes and shardings of ``state``."""
+    step = self.manager.latest_step()
+    params, stats = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats)
+    target = _abstract(_merge_dicts(params, stats))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target),
+        opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+        meta=ocp.args.JsonRestore(),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    new_params, new_stats = state.params, state.batch_stats
+    nnx.replace_by_pure_dict(new_params, _select(restored['model'], params))
+    nnx.replace_by_pure_dict(new_stats, _select(restored['model'], stats))
+    return step_lib.TrainState(step=jnp.asarray(restored['meta']['step'], jnp.int32),
+                               params=new_params, batch_stats=new_stats,
+                               opt_state=restored['opt_state'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+  requested = []
+
+  def handler(signum, _):
+    requested.append(signum)
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requested
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def evaluate(cfg, graphdef, state, tokenizer, mc, data_path: str) -> dict:
+  """Zero-shot balanced accuracy (and friends) on the configured sets."""
+  from flair_jax.evaluation import data as eval_data  # pylint: disable=g-import-not-at-top
+  from flair_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+  from flair_jax.inference import FLAIRModel  # pylint: disable=g-import-not-at-top
+
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats))
+  flair = FLAIRModel(model, tokenizer, image_size=mc.image_size, caption=mc.caption)
+  results = {}
+  for name in cfg.eval.sets:
+    if name == 'synthetic':
+      data = eval_data.from_pretraining_split(data_path, 'test')
+    else:
+      data = eval_data.from_tfds(name)
+    experiment = eval_run.Experiment(method='zero-shot', domain_knowledge=cfg.eval.domain_knowledge,
+                                     knowledge=cfg.data.knowledge or 'flair_repo',
+                                     batch_size=cfg.eval.batch_size)
+    out = eval_run.run(flair, data, experiment, progress=False)
+    summary = out['summary']
+    key = 'synthetic' if name == 'synthetic' else os.path.basename(name.rstrip('/'))
+    for metric in ('aca', 'kappa', 'f1_avg', 'auc_avg'):
+      if metric in summary:
+        value = summary[metric]
+        results[f'zero_shot/{key}/{metric}'] = float(value['mean'] if isinstance(value, dict)
+                                                     else value)
+  return results
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) and evaluates; returns a summary of the run."""
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  parallel.maybe_initialize_distributed(cfg.distributed.initialize)
+  is_main = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  n_proc = jax.process_count()
+  if cfg.train.batch_size % (mesh.shape['data'] * mesh.shape.get('fsdp', 1)):
+    raise ValueError(f'train.batch_size {cfg.train.batch_size} is not a multiple of the '
+                     f'{jax.device_count()} devices')
+  dtype = train_setup.compute_dtype(cfg.train.compute_dtype)
+  logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
+              jax.devices()[0].device_kind, n_proc, jnp.dtype(dtype).name)
+
+  # Input.
+  data_path = train_setup.prepare_data(cfg.data, workdir)
+  sources = train_setup.train_sources(data_path)
+  tokenizer, tokenizer_folder = train_setup.prepare_tokenizer(cfg, workdir, sources)
+  data_iter = pipeline.make_pretraining_iterator(
+      sources, batch_size=cfg.train.batch_size // n_proc, seed=cfg.seed, tokenizer=tokenizer,
+      knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
+      sampling=cfg.data.sampling, epoch_length=cfg.data.epoch_length or None,
+      worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads)
+  steps_per_epoch = max(1, data_iter.index.size // cfg.train.batch_size
+                        if not cfg.data.epoch_length else cfg.data.epoch_length // cfg.train.batch_size)
+  total_steps = cfg.train.epochs * steps_per_epoch
+
+  # Model, optimiser, step.
+  mc, bert_state = train_setup.model_config(cfg, tokenizer, tokenizer_folder)
+  replicated = NamedSharding(mesh, P())
+  model = train_setup.init_model(mc, bert_state, cfg, dtype, replicated)
+  schedule = train_setup.make_schedule(cfg, steps_per_epoch, total_steps)
+  tx = train_setup.make_optimizer(cfg, schedule)
+  graphdef, state = step_lib.create_train_state(model, tx, mesh)
+  del model
+  options = step_lib.StepOptions(augment=cfg.train.augment, text_dropout=cfg.train.text_dropout,
+                                 remat=cfg.train.remat)
+  train_step = step_lib.make_train_step(graphdef, tx, mesh, schedule=schedule, options=options,
+                                        compute_dtype=dtype)
+  config_json = cfg.to_dict()
+  if is_main:
+    mc.save(os.path.join(workdir, checkpoint.CONFIG_FILE))
+    train_setup.write_json(os.path.join(workdir, 'config.json'), config_json)
+
+  # Resume from the workdir first.
+  ckpts = Checkpoints(workdir, cfg.checkpoint.keep)
+  if ckpts.latest_step() is not None:
+    state = ckpts.restore(state, data_iter)
+    logger.info('resumed from step %d of %s', int(state.step), workdir)
+  first_step = int(jax.device_get(state.step))
+  if is_main:
+    train_log.truncate_metrics(workdir, first_step)
+  writer = train_log.MetricsWriter(workdir, enabled=is_main)
+  every_ckpt = cfg.checkpoint.every_steps or steps_per_epoch
+  key = jax.device_put(jax.random.key(cfg.seed), replicated)
+
+  def next_batch():
+    local = next(data_iter)
+    return parallel.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
+
+  summary = {'workdir': workdir, 'data': data_path, 'steps_per_epoch': steps_per_epoch,
+             'total_steps': total_steps, 'first_step': first_step}
+  results = {}
+  try:
+    batch = next_batch() if first_step < total_steps else None
+    compiled = flops = peak = None
+    if batch is not None:
+      t0 = time.time()
+      compiled = train_step.lower(state, batch, key).compile()
+      flops = train_log.step_flops(compiled)
+      peak = train_log.peak_flops()
+      logger.info('step compiled in %.1f s; %s FLOPs per step', time.time() - t0,
+                  f'{flops:.3g}' if flops else 'unknown')
+    pending, history = [], []
+    last_saved = ckpts.latest_step()
+    progress = tqdm(total=total_steps, initial=first_step, disable=not is_main,
+                    dynamic_ncols=True, desc='train')
+    t_interval, n_interval = time.time(), 0
+
+    def flush():
+      """Host copies of pending metrics; raises on a non-finite loss."""
+      for s, m in pending:
+        m = jax.device_get(m)
+        if not np.isfinite(m['loss']):
+          raise NonFiniteLossError(
+              f'loss is {float(m["loss"])} at step {s}; the run stops. The last good '
+              f'checkpoint is step {last_saved} in {workdir}/checkpoints (restart resumes '
+              'from it; consider a lower train.lr)')
+        history.append(m)
+      pending.clear()
+
+    with _stop_requests() as stop:
+      for s in range(first_step, total_steps):
+        state, metrics = compiled(state, batch, key)
+        pending.append((s + 1, metrics))
+        n_interval += 1
+        done = s + 1
+        if done % cfg.log_every_steps == 0 or done == total_steps:
+          flush()
+          dt = time.time() - t_interval
+          scalars = {f'train/{k}': v for k, v in train_log.interval_summary(history).items()}
+          ips = n_interval * cfg.train.batch_size / max(dt, 1e-9)
+          scalars['train/images_per_sec'] = ips
+          scalars['train/epoch'] = done / steps_per_epoch
+          if flops and peak:
+            scalars['train/mfu'] = flops * n_interval / dt / (peak * jax.device_count())
+          writer.write(done, scalars)
+          progress.set_postfix(epoch=f'{done / steps_per_epoch:.2f}',
+                               loss=f'{scalars["train/loss"]:.4f}',
+                               lr=f'{scalars["train/lr"]:.2e}', img_s=f'{ips:.0f}')
+          history.clear()
+          t_interval, n_interval = time.time(), 0
+        progress.update(1)
+        if done % every_ckpt == 0 or done == total_steps or stop:
+          flush()
+          ckpts.save(state, data_iter, config_json)
+          last_saved = done
+        if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < total_steps:
+          ckpts.wait()
+          results = evaluate(cfg, graphdef, state, tokenizer, mc, data_path)
+          writer.write(done, results)
+          logger.info('step %d: %s', done, results)
+        if stop:
+          ckpts.wait()
+          logger.warning('stop requested (signal %s): saved step %d, exiting', stop[0], done)
+          summary.update(stopped_at=done)
+          return summary
+        if done < total_steps:  # after the save: it records the iterator's position
+          batch = next_batch()
+    progress.close()
+    ckpts.wait()
+    if cfg.eval.sets:
+      results = evaluate(cfg, graphdef, state, tokenizer, mc, data_path)
+      writer.write(int(jax.device_get(state.step)), results)
+    summary.update(final_step=int(jax.device_get(state.step)), results=results,
+                   params_l2=float(jax.device_get(
+                       jax.jit(lambda p: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                                      for x in jax.tree.leaves(p))))(state.params))))
+    if is_main and cfg.export_torch:
+      out = os.path.join(workdir, EXPORT_DIR)
+      shutil.rmtree(out, ignore_errors=True)
+      from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top
+      summary['export'] = convert_flair.export_to_torch(workdir, out, fmt='both',
+                                                        bundle_text_encoder=True)
+    if is_main and cfg.plots:
+      summary['plots'] = train_log.plot(workdir)
+  finally:
+    ckpts.close()
+    writer.close()
+    if hasattr(data_iter, 'close'):
+      data_iter.close()
+  summary['wall_seconds'] = time.time() - t_start
+  return summary
