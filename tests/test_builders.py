@@ -236,7 +236,9 @@ def test_classification_labels_from_first_category(assembly):
       ('10_REAL/HRF_07_dr.jpg', '[]', "['diabetic retinopathy']"),
       ('10_REAL/skimage_retina.jpg', '[]', "['normal']"),
       ('10_REAL/flair_normal_sample.png', '[]', "['normal', 'no glaucoma']"),
-      ('10_REAL/flair_sample_macular_hole.png', '[]', "['macular hole']")])
+      ('10_REAL/flair_sample_macular_hole.png', '[]', "['macular hole']"),
+      ('top_level.png', '[]', "['glaucoma']")])  # No dataset folder: dataset ''.
+  shutil.copy(assembly['root'] / '20_MODES' / 'p.png', assembly['root'] / 'top_level.png')
   targets = {'normal': 0, 'glaucoma': 1, 'diabetic retinopathy': 2}
   report = build_lib.build(
       'fundus_classification', assembly['data_dir'], dataframe=str(frames / 'MINI.csv'),
@@ -247,12 +249,14 @@ def test_classification_labels_from_first_category(assembly):
   labels = {p.split('/')[-1]: (int(e['label']), e['label_name'].decode())
             for p, e in examples.items()}
   assert labels == {'HRF_04_g.jpg': (1, 'glaucoma'), 'HRF_07_dr.jpg': (2, 'diabetic retinopathy'),
-                    'skimage_retina.jpg': (0, 'normal'), 'flair_normal_sample.png': (0, 'normal')}
+                    'skimage_retina.jpg': (0, 'normal'), 'flair_normal_sample.png': (0, 'normal'),
+                    'top_level.png': (1, 'glaucoma')}
+  assert examples['top_level.png']['dataset'] == b''
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info = tfds.builder_from_directory(report['path']).info
   assert info.features['label'].names == ['normal', 'glaucoma', 'diabetic retinopathy']
   by_name = tfds.data_source(report['tfds_name'], data_dir=str(assembly['data_dir']))
-  assert len(by_name['test']) == 4 and isinstance(by_name['test'][0]['label'], int)
+  assert len(by_name['test']) == 5 and isinstance(by_name['test'][0]['label'], int)
 
 
 @pytest.fixture(scope='module')

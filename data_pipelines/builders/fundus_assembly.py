@@ -99,12 +99,13 @@ def prepare_example(payload: dict) -> dict:
           'path': payload['path']}
 
 
-def rows(cfg, columns=COLUMNS, vocabulary=None):
+def rows(cfg, columns=COLUMNS, vocabulary=None, require_dataset=True):
   """(key, where, payload or Skip) for every row of the config's dataframes.
 
   ``where`` is the image path, or 'file.csv:line' for a row refused before
   its image is opened; ``vocabulary`` (None: no check) refuses unknown
-  categories.
+  categories; ``require_dataset`` refuses paths without a dataset folder
+  (otherwise their dataset is '').
   """
   root = os.path.realpath(cfg.data_root)
   shared = {'canvas': int(cfg.canvas), 'image_format': cfg.image_format,
@@ -119,14 +120,14 @@ def rows(cfg, columns=COLUMNS, vocabulary=None):
         yield key, where, row
         continue
       try:
-        payload = _parse_row(row, root, vocabulary)
+        payload = _parse_row(row, root, vocabulary, require_dataset)
       except common.Skip as e:
         yield key, where, e
         continue
       yield key, payload['path'], {**payload, **shared}
 
 
-def _parse_row(row, root, vocabulary):
+def _parse_row(row, root, vocabulary, require_dataset):
   relative = row['image']
   cats = common.parse_list(row['categories'], 'categories')
   attributes = (common.parse_list(row['atributes'], 'atributes')
@@ -136,7 +137,9 @@ def _parse_row(row, root, vocabulary):
     if unknown:
       raise common.Skip('unknown_category', '\n'.join(unknown))
   full = common.safe_path(root, relative)
-  return {'file': full, 'path': relative, 'dataset': common.dataset_of(relative),
+  dataset = (common.dataset_of(relative) if require_dataset or '/' in relative
+             else '')
+  return {'file': full, 'path': relative, 'dataset': dataset,
           'categories': cats, 'attributes': attributes}
 
 

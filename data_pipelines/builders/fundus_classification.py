@@ -6,7 +6,8 @@ label; as in FLAIR, an image's label is the target of its FIRST category.
 Or, with ``synthetic=True``, the test split of fundus_synthetic (same seed,
 count and canvas give the same images). One split, ``test``, holds the whole
 set; the evaluation draws FLAIR's per-class train/val/test shots from it.
-Categories are kept as written (not checked against the vocabulary).
+Categories are kept as written (not checked against the vocabulary); an
+image directly under the data root has dataset ''.
 Examples carry ``label`` (int64, a ClassLabel whose names are the classes by
 label) and ``label_name`` besides the shared schema.
 """
@@ -155,6 +156,6 @@ class FundusClassification(common.FundusBuilder):
     else:
       items = ((k, w, p if isinstance(p, common.Skip) else (p, targets))
                for k, w, p in fundus_assembly.rows(
-                   cfg, columns=('image', 'categories')))
+                   cfg, columns=('image', 'categories'), require_dataset=False))
       work = _csv_example
     return {SPLIT: self._generate_examples(SPLIT, items, work, cfg.num_workers)}
