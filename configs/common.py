@@ -70,4 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # jax.distributed.initialize() on every host
+  # Unset (''/0/-1) on TPU pods and SLURM, where JAX detects them.
+  c.distributed.coordinator_address = ''  # host0:port
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
   return c

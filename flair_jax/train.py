@@ -37,6 +37,24 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join('runs', _config_name(flags.FLAGS['config'].config_filename))
   summary = trainer.train_and_evaluate(_CONFIG.value, workdir)
   print(json.dumps(summary, indent=2, default=str))
+  _print_where(summary)
+
+
+def _print_where(summary):
+  """A short human-readable list of what the run left behind."""
+  wd = summary['workdir']
+  lines = ['', f'run folder: {wd}',
+           f'  checkpoints:  {os.path.join(wd, "checkpoints")}',
+           f'  metrics:      {os.path.join(wd, "metrics.jsonl")} (TensorBoard: {wd}/tensorboard)']
+  for name, value in sorted(summary.get('results', {}).items()):
+    lines.append(f'  {name}: {value:.4f}')
+  if summary.get('export'):
+    lines.append(f'  PyTorch FLAIR export: {summary["export"]}')
+  for plot in summary.get('plots', []):
+    lines.append(f'  plot: {plot}')
+  if 'stopped_at' in summary:
+    lines.append(f'  stopped at step {summary["stopped_at"]}; run the same command to resume')
+  print('\n'.join(lines))
 
 
 if __name__ == '__main__':

@@ -57,8 +57,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   if cfg.name != SYNTHETIC:
     raise DataNotFoundError(
         f'no pre-training data given for {cfg.name!r}. Build it once with\n'
-        f'  python -m data_pipelines build {cfg.name} --data-dir DIR --dataframes CSV_DIR '
-        '--data-root IMAGES_DIR\n'
+        f'  python -m data_pipelines build {cfg.name} --data-dir DIR --dataframes_dir CSV_DIR '
+        '--data_root IMAGES_DIR\n'
         'then pass the folder it reports as --config.data.path=DIR/<builder>/<config>/<version>.')
   report = build_lib.build(SYNTHETIC, os.path.join(workdir, 'data'), **dict(cfg.build))
   return report['path']

@@ -157,7 +157,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  parallel.maybe_initialize_distributed(cfg.distributed.initialize)
+  dist = cfg.distributed
+  parallel.maybe_initialize_distributed(
+      dist.initialize, coordinator_address=dist.coordinator_address or None,
+      num_processes=dist.num_processes or None,
+      process_id=dist.process_id if dist.process_id >= 0 else None)
   is_main = jax.process_index() == 0
   mesh = parallel.make_mesh()
   n_proc = jax.process_count()

@@ -19,6 +19,7 @@ from data_pipelines import cli
 from data_pipelines import images
 from data_pipelines import synthetic
 from data_pipelines.builders import BuildError, fundus_classification
+from tests.test_images import png_header_only
 
 CANVAS = 64
 HEADER = ['', 'image', 'atributes', 'categories']
@@ -71,16 +72,6 @@ def write_csv(path, rows, raw_lines=()):
   for i, (image, atr, cats) in enumerate(rows):
     writer.writerow([i, image, atr, cats])
   path.write_text(buf.getvalue() + ''.join(raw_lines))
-
-
-def png_header_only(width, height):
-  import struct, zlib  # pylint: disable=g-import-not-at-top,multiple-imports
-  def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
-  ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr)
-          + chunk(b'IDAT', zlib.compress(b'\x00' * 64)) + chunk(b'IEND', b''))
 
 
 @pytest.fixture(scope='module')

@@ -102,7 +102,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  summary = json.loads(out[out.index('{'):])
+  summary = json.JSONDecoder().raw_decode(out[out.index('{'):])[0]
   stopped = summary['stopped_at']
   assert 2 <= stopped < 12
   assert _checkpoint_steps(workdir) == [stopped]  # saved at the step it stopped, no half checkpoint
@@ -158,7 +158,7 @@ def test_paper_recipe_compiles_and_runs_two_steps(tmp_path):
          '--config.export_torch=False', '--config.plots=False', '--config.log_every_steps=1']
   result = subprocess.run(cmd, env=_env(devices=1), capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  summary = json.loads(result.stdout[result.stdout.index('{'):])
+  summary = json.JSONDecoder().raw_decode(result.stdout[result.stdout.index('{'):])[0]
   assert summary['final_step'] == 2
   rows = [json.loads(line) for line in open(run / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [1, 2]
