@@ -4,6 +4,15 @@ import ml_collections
 
 
 
+# PyTorch FLAIR's default pre-training datasets (main_pretrain.py).
+FLAIR_PRETRAINING_DATASETS = (
+    '01_EYEPACS', '03_IDRID', '04_RFMid', '05_1000x39', '06_DEN', '07_LAG', '08_ODIR',
+    '09_PAPILA', '10_PARAGUAY', '11_STARE', '12_ARIA', '14_AGAR300', '15_APTOS',
+    '16_FUND-OCT', '17_DiaRetDB1', '18_DRIONS-DB', '19_Drishti-GS1', '20_E-ophta',
+    '21_G1020', '23_HRF', '24_ORIGA', '26_ROC', '27_BRSET', '28_OIA-DDR', '29_AIROGS',
+    '30_SUSTech-SYSU', '31_JICHI', '32_CHAKSU', '33_DR1-2', '34_Cataract', '35_ScarDat')
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key a training run reads, with FLAIR's paper values."""
   c = ml_collections.ConfigDict()
@@ -16,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = 'fundus_assembly'
   c.data.path = ''  # a built dataset folder (.../<builder>/<config>/<version>)
   c.data.build = ml_collections.ConfigDict()  # builder options when built here
+  # Datasets the built set must hold (FLAIR's pre-training list); any other
+  # dataset in it stops the run (e.g. a transfer set that would leak into
+  # pre-training); missing ones are reported. () accepts whatever was built.
+  c.data.datasets = FLAIR_PRETRAINING_DATASETS
   c.data.sampling = 'balanced'  # FLAIR's: dataset uniformly, then an image
   c.data.epoch_length = 0  # 0: the number of pre-training images
   c.data.knowledge = 'flair_repo'  # expert-knowledge dictionary ('seed', a path, or '')

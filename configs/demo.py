@@ -13,6 +13,7 @@ from configs import common
 def get_config(arg: str = ''):
   c = common.base_config()
   c.data.name = 'fundus_synthetic'
+  c.data.datasets = ()
   c.data.build.n_train = 3000
   c.data.build.n_test = 500
   c.data.build.canvas = 96

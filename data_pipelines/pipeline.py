@@ -73,6 +73,14 @@ def _process_index_and_count(process_index, process_count):
   return int(process_index), int(process_count)
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """Workers leave Ctrl-C / SIGTERM to the main process, which saves first."""
+  del worker_index, worker_count
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _prepare_workers():
   """grain's workers read absl flags; mark them parsed if no absl app did."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -107,7 +115,8 @@ class BatchIterator(grain.DatasetIterator):
     if self._worker_count > 0:
       _prepare_workers()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self._worker_count, per_worker_buffer_size=self._prefetch))
+          num_workers=self._worker_count, per_worker_buffer_size=self._prefetch),
+                          worker_init_fn=_ignore_stop_signals)
     self._inner = iter(ds)
 
   def __next__(self) -> dict[str, np.ndarray]:

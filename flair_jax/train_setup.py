@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Optional
 
 import jax
@@ -94,9 +95,30 @@ def prepare_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, sources):
   if cfg.model.bert_type:
     return tokenizer_lib.load_tokenizer(cfg.model.bert_type), cfg.model.bert_type
   folder = os.path.join(workdir, 'tokenizer')
-  if not os.path.isfile(os.path.join(folder, 'vocab.txt')):
-    tokenizer_lib.build_wordpiece_vocab(_vocabulary_texts(sources, cfg.data.knowledge), folder)
+  if not os.path.isdir(folder):
+    # Built aside and renamed: a killed build never leaves a partial folder.
+    tmp = f'{folder}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_lib.build_wordpiece_vocab(_vocabulary_texts(sources, cfg.data.knowledge), tmp)
+    os.replace(tmp, folder)
   return tokenizer_lib.load_tokenizer(folder), folder
+
+
+def check_datasets(expected, counts: dict, data_path: str) -> None:
+  """Refuses datasets outside ``expected`` (e.g. a transfer set that would
+  leak into pre-training); logs the expected ones that are missing."""
+  if not expected:
+    return
+  extra = sorted(set(counts) - set(expected))
+  if extra:
+    raise ValueError(
+        f'{data_path} holds datasets outside data.datasets: {extra}. Rebuild without them '
+        '(python -m data_pipelines build fundus_assembly --datasets ...) or list them in '
+        '--config.data.datasets')
+  missing = sorted(set(expected) - set(counts))
+  if missing:
+    logger.warning('%d of the %d configured datasets are not in the built set: %s',
+                   len(missing), len(expected), missing)
 
 
 def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: str):
@@ -128,6 +150,9 @@ def init_model(mc, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
   init = jax.jit(lambda: nnx.state(checkpoint.build_model(mc, dtype, nnx.Rngs(seed))),
                  out_shardings=sharding)
   model = nnx.merge(graphdef, init())
+  if not cfg.model.resnet_weights and tuple(mc.resnet_stages) == (3, 4, 6, 3):
+    logger.warning('the ResNet-50 image tower starts from random weights; FLAIR starts from '
+                   'ImageNet: pass --config.model.resnet_weights=<torchvision IMAGENET1K_V2 .pth>')
   if cfg.model.resnet_weights:
     checkpoint.assign_state(model.vision_model, pretrained.load_torchvision_resnet(
         cfg.model.resnet_weights, mc.resnet_stages, mc.resnet_width))

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 
 import grain
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -96,6 +98,7 @@ class Checkpoints:
     new_params, new_stats = state.params, state.batch_stats
     nnx.replace_by_pure_dict(new_params, _select(restored['model'], params))
     nnx.replace_by_pure_dict(new_stats, _select(restored['model'], stats))
+    self.restored_config = restored['meta'].get('config', {})
     return step_lib.TrainState(step=jnp.asarray(restored['meta']['step'], jnp.int32),
                                params=new_params, batch_stats=new_stats,
                                opt_state=restored['opt_state'])
@@ -116,6 +119,9 @@ def _stop_requests():
   def handler(signum, _):
     requested.append(signum)
 
+  if threading.current_thread() is not threading.main_thread():
+    yield requested  # signals reach only the main thread
+    return
   previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield requested
@@ -124,26 +130,56 @@ def _stop_requests():
       signal.signal(s, h)
 
 
-def evaluate(cfg, graphdef, state, tokenizer, mc, data_path: str) -> dict:
-  """Zero-shot balanced accuracy (and friends) on the configured sets."""
+def _any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any (a collective)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _config_drift(saved: dict, current: dict, prefix: str = '') -> list:
+  """Keys whose values differ between two config dicts."""
+  out = []
+  for k in sorted(set(saved) | set(current)):
+    a, b = saved.get(k), current.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_drift(a, b, f'{prefix}{k}.')
+    elif (list(a) if isinstance(a, (list, tuple)) else a) != (
+        list(b) if isinstance(b, (list, tuple)) else b):
+      out.append(f'{prefix}{k}: {a!r} -> {b!r}')
+  return out
+
+
+def eval_sets(cfg, data_path: str) -> dict:
+  """``{key: DownstreamSet}`` of the configured zero-shot sets, resolved
+  before training so that a wrong path fails at once, not after hours."""
   from flair_jax.evaluation import data as eval_data  # pylint: disable=g-import-not-at-top
+  sets = {}
+  for name in cfg.eval.sets:
+    if name == 'synthetic':
+      if cfg.data.name != train_setup.SYNTHETIC:
+        raise ValueError("eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
+                         f'{cfg.data.name!r} name built fundus_classification folders')
+      sets['synthetic'] = eval_data.from_pretraining_split(data_path, 'test')
+    else:
+      sets[os.path.basename(name.rstrip('/'))] = eval_data.from_tfds(name)
+  return sets
+
+
+def evaluate(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
+  """Zero-shot balanced accuracy (and friends) on the configured sets."""
   from flair_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
   from flair_jax.inference import FLAIRModel  # pylint: disable=g-import-not-at-top
 
   model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats))
   flair = FLAIRModel(model, tokenizer, image_size=mc.image_size, caption=mc.caption)
   results = {}
-  for name in cfg.eval.sets:
-    if name == 'synthetic':
-      data = eval_data.from_pretraining_split(data_path, 'test')
-    else:
-      data = eval_data.from_tfds(name)
+  for key, data in sets.items():
     experiment = eval_run.Experiment(method='zero-shot', domain_knowledge=cfg.eval.domain_knowledge,
                                      knowledge=cfg.data.knowledge or 'flair_repo',
                                      batch_size=cfg.eval.batch_size)
     out = eval_run.run(flair, data, experiment, progress=False)
     summary = out['summary']
-    key = 'synthetic' if name == 'synthetic' else os.path.basename(name.rstrip('/'))
     for metric in ('aca', 'kappa', 'f1_avg', 'auc_avg'):
       if metric in summary:
         value = summary[metric]
@@ -172,7 +208,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
               jax.devices()[0].device_kind, n_proc, jnp.dtype(dtype).name)
 
-  # Input.
+  # Input: process 0 builds what is missing (synthetic set, vocabulary) first.
+  if is_main:
+    data_path = train_setup.prepare_data(cfg.data, workdir)
+    train_setup.prepare_tokenizer(cfg, workdir, train_setup.train_sources(data_path))
+  if n_proc > 1:
+    multihost_utils.sync_global_devices('flair_jax: data and tokenizer ready')
   data_path = train_setup.prepare_data(cfg.data, workdir)
   sources = train_setup.train_sources(data_path)
   tokenizer, tokenizer_folder = train_setup.prepare_tokenizer(cfg, workdir, sources)
@@ -181,8 +222,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
       sampling=cfg.data.sampling, epoch_length=cfg.data.epoch_length or None,
       worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads)
-  steps_per_epoch = max(1, data_iter.index.size // cfg.train.batch_size
-                        if not cfg.data.epoch_length else cfg.data.epoch_length // cfg.train.batch_size)
+  train_setup.check_datasets(cfg.data.datasets, data_iter.index.counts(), data_path)
+  # PyTorch FLAIR's len(DataLoader): ceil(epoch length / batch).
+  epoch_length = cfg.data.epoch_length or data_iter.index.size
+  steps_per_epoch = max(1, -(-epoch_length // cfg.train.batch_size))
   total_steps = cfg.train.epochs * steps_per_epoch
 
   # Model, optimiser, step.
@@ -207,6 +250,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if ckpts.latest_step() is not None:
     state = ckpts.restore(state, data_iter)
     logger.info('resumed from step %d of %s', int(state.step), workdir)
+    drift = _config_drift(ckpts.restored_config, config_json)
+    if drift:
+      logger.warning('the config differs from the one the checkpoint was trained with: %s',
+                     '; '.join(drift))
   first_step = int(jax.device_get(state.step))
   if is_main:
     train_log.truncate_metrics(workdir, first_step)
@@ -218,6 +265,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     local = next(data_iter)
     return parallel.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
 
+  sets = eval_sets(cfg, data_path)
   summary = {'workdir': workdir, 'data': data_path, 'steps_per_epoch': steps_per_epoch,
              'total_steps': total_steps, 'first_step': first_step}
   results = {}
@@ -241,11 +289,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       """Host copies of pending metrics; raises on a non-finite loss."""
       for s, m in pending:
         m = jax.device_get(m)
-        if not np.isfinite(m['loss']):
+        bad = [k for k in ('loss', 'l2_grads', 'l2_params') if not np.isfinite(m[k])]
+        if bad:
+          where = (f'the last good checkpoint is step {last_saved} in {workdir}/checkpoints '
+                   '(a restart resumes from it)' if last_saved is not None
+                   else 'no checkpoint was saved yet')
           raise NonFiniteLossError(
-              f'loss is {float(m["loss"])} at step {s}; the run stops. The last good '
-              f'checkpoint is step {last_saved} in {workdir}/checkpoints (restart resumes '
-              'from it; consider a lower train.lr)')
+              f'{", ".join(f"{k} = {float(m[k])}" for k in bad)} at step {s}; the run stops '
+              f'and {where}. Consider a lower train.lr.')
         history.append(m)
       pending.clear()
 
@@ -263,7 +314,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           scalars['train/images_per_sec'] = ips
           scalars['train/epoch'] = done / steps_per_epoch
           if flops and peak:
-            scalars['train/mfu'] = flops * n_interval / dt / (peak * jax.device_count())
+            scalars['train/mfu'] = flops * n_interval / dt / peak  # per-device FLOPs
           writer.write(done, scalars)
           progress.set_postfix(epoch=f'{done / steps_per_epoch:.2f}',
                                loss=f'{scalars["train/loss"]:.4f}',
@@ -271,32 +322,42 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           history.clear()
           t_interval, n_interval = time.time(), 0
         progress.update(1)
-        if done % every_ckpt == 0 or done == total_steps or stop:
+        at_log = done % cfg.log_every_steps == 0 or done == total_steps
+        # Every process must stop at the same step: agree at logging steps.
+        stopping = _any_process(bool(stop)) if (n_proc == 1 or at_log) else False
+        if done % every_ckpt == 0 or done == total_steps or stopping:
           flush()
           ckpts.save(state, data_iter, config_json)
           last_saved = done
-        if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < total_steps:
+        if stopping:
           ckpts.wait()
-          results = evaluate(cfg, graphdef, state, tokenizer, mc, data_path)
-          writer.write(done, results)
-          logger.info('step %d: %s', done, results)
-        if stop:
-          ckpts.wait()
-          logger.warning('stop requested (signal %s): saved step %d, exiting', stop[0], done)
+          logger.warning('stop requested (signal %s): saved step %d, exiting',
+                         stop[0] if stop else 'on another process', done)
           summary.update(stopped_at=done)
           return summary
+        if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < total_steps:
+          ckpts.wait()
+          results = evaluate(cfg, graphdef, state, tokenizer, mc, sets)
+          writer.write(done, results)
+          logger.info('step %d: %s', done, results)
         if done < total_steps:  # after the save: it records the iterator's position
           batch = next_batch()
     progress.close()
     ckpts.wait()
-    if cfg.eval.sets:
-      results = evaluate(cfg, graphdef, state, tokenizer, mc, data_path)
-      writer.write(int(jax.device_get(state.step)), results)
+    if sets:
+      try:
+        results = evaluate(cfg, graphdef, state, tokenizer, mc, sets)
+        writer.write(int(jax.device_get(state.step)), results)
+      except Exception:  # pylint: disable=broad-except  # keep the export and plots
+        logger.exception('final evaluation failed; the checkpoints are complete')
     summary.update(final_step=int(jax.device_get(state.step)), results=results,
                    params_l2=float(jax.device_get(
                        jax.jit(lambda p: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                                                       for x in jax.tree.leaves(p))))(state.params))))
-    if is_main and cfg.export_torch:
+    if cfg.export_torch and n_proc > 1:
+      logger.warning('export skipped on a multi-host run; on one host run\n  python -m '
+                     'flair_jax.convert to-torch --checkpoint %s --out DIR --format both', workdir)
+    elif cfg.export_torch:
       out = os.path.join(workdir, EXPORT_DIR)
       shutil.rmtree(out, ignore_errors=True)
       from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top

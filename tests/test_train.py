@@ -166,3 +166,12 @@ def test_paper_recipe_compiles_and_runs_two_steps(tmp_path):
   # FLAIR's warm-up: base_lr / warmup_steps, then base_lr at the epoch's end.
   assert rows[0]['train/lr'] == pytest.approx(5e-5)
   assert rows[1]['train/lr'] == pytest.approx(1e-4)
+
+
+def test_non_finite_values_stop_the_run_naming_the_step(tmp_path):
+  result = subprocess.run(_train_cmd(tmp_path, '--config.train.lr=1e30'), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  assert 'NonFiniteLossError' in result.stderr
+  assert 'at step 1;' in result.stderr
+  assert _checkpoint_steps(tmp_path) == []  # nothing non-finite was saved
