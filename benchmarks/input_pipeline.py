@@ -33,6 +33,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks import machine_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 SHARED = os.environ.get('FLAIR_JAX_SHARED', os.path.join(REPO, '..', 'shared'))
 DEFAULT_FUNDUS = os.path.join(SHARED, 'data', 'fundus')
 CANVAS = 512
@@ -147,17 +148,7 @@ def bench_pipeline(report, data_dir, batch, batches, work_dir, worker_count=0):
 
 
 def machine():
-  model = 'unknown'
-  try:
-    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    for line in lscpu.splitlines():
-      if line.startswith('Model name:'):
-        model = line.split(':', 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  with open('/proc/meminfo', encoding='utf-8') as f:
-    mem_gib = int(f.readline().split()[1]) / 2**20
-  return model, os.cpu_count(), mem_gib
+  return machine_info.cpu_model(), os.cpu_count(), machine_info.ram_gib()
 
 
 def main():

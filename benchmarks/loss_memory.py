@@ -29,6 +29,9 @@ import time
 
 MIB = 2 ** 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+from benchmarks import machine_info  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def floor_bytes(batch, devices, dim, grad=False):
@@ -79,19 +82,8 @@ def measure(devices, batches, dim):
 
 
 def machine():
-  info = {}
-  try:
-    for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
-      key, _, value = line.partition(':')
-      if key.strip() in ('Model name', 'CPU(s)'):
-        info[key.strip()] = value.strip()
-  except OSError:
-    pass
-  try:
-    with open('/proc/meminfo') as f:
-      info['RAM'] = f'{int(f.readline().split()[1]) / 2 ** 20:.1f} GiB'
-  except OSError:
-    pass
+  info = {'Model name': machine_info.cpu_model(), 'CPU(s)': str(os.cpu_count()),
+          'RAM': f'{machine_info.ram_gib():.1f} GiB'}
   import jax  # pylint: disable=g-import-not-at-top
   info['cores (os.cpu_count)'] = os.cpu_count()
   info['python / jax'] = f'{platform.python_version()} / {jax.__version__}'

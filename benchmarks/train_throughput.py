@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks import machine_info
 from flair_jax import optim, parallel
 from flair_jax import step as step_lib
 from flair_jax.models import FLAIR, BertConfig
@@ -306,19 +307,7 @@ class Feed:
 
 def machine_description():
   """CPU model, cores and RAM of this machine."""
-  model = platform.processor() or 'unknown CPU'
-  try:
-    lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    for line in lscpu.splitlines():
-      if line.startswith('Model name:'):
-        model = line.split(':', 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  try:
-    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
-  except (ValueError, OSError):
-    ram = float('nan')
-  return f'{model}, {os.cpu_count()} cores, {ram:.0f} GiB RAM'
+  return machine_info.describe()
 
 
 def peak_tflops(device_kind, dtype_name, override):
