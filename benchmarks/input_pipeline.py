@@ -24,7 +24,6 @@ import datetime
 import glob
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
