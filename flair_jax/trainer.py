@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -208,15 +209,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
               jax.devices()[0].device_kind, n_proc, jnp.dtype(dtype).name)
 
-  # Input: process 0 builds what is missing (synthetic set, vocabulary) first.
+  # Input: process 0 builds what is missing (synthetic set, vocabulary) before
+  # the other processes open it.
+  def open_input():
+    path = train_setup.prepare_data(cfg.data, workdir)
+    srcs = train_setup.train_sources(path)
+    return (path, srcs) + train_setup.prepare_tokenizer(cfg, workdir, srcs)
+
   if is_main:
-    data_path = train_setup.prepare_data(cfg.data, workdir)
-    train_setup.prepare_tokenizer(cfg, workdir, train_setup.train_sources(data_path))
+    data_path, sources, tokenizer, tokenizer_folder = open_input()
   if n_proc > 1:
     multihost_utils.sync_global_devices('flair_jax: data and tokenizer ready')
-  data_path = train_setup.prepare_data(cfg.data, workdir)
-  sources = train_setup.train_sources(data_path)
-  tokenizer, tokenizer_folder = train_setup.prepare_tokenizer(cfg, workdir, sources)
+  if not is_main:
+    data_path, sources, tokenizer, tokenizer_folder = open_input()
   data_iter = pipeline.make_pretraining_iterator(
       sources, batch_size=cfg.train.batch_size // n_proc, seed=cfg.seed, tokenizer=tokenizer,
       knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
@@ -306,7 +311,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         pending.append((s + 1, metrics))
         n_interval += 1
         done = s + 1
-        if done % cfg.log_every_steps == 0 or done == total_steps:
+        at_log = done % cfg.log_every_steps == 0 or done == total_steps
+        if at_log:
           flush()
           dt = time.time() - t_interval
           scalars = {f'train/{k}': v for k, v in train_log.interval_summary(history).items()}
@@ -322,7 +328,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           history.clear()
           t_interval, n_interval = time.time(), 0
         progress.update(1)
-        at_log = done % cfg.log_every_steps == 0 or done == total_steps
         # Every process must stop at the same step: agree at logging steps.
         stopping = _any_process(bool(stop)) if (n_proc == 1 or at_log) else False
         if done % every_ckpt == 0 or done == total_steps or stopping:
@@ -351,9 +356,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       except Exception:  # pylint: disable=broad-except  # keep the export and plots
         logger.exception('final evaluation failed; the checkpoints are complete')
     summary.update(final_step=int(jax.device_get(state.step)), results=results,
-                   params_l2=float(jax.device_get(
-                       jax.jit(lambda p: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                                                      for x in jax.tree.leaves(p))))(state.params))))
+                   params_l2=float(optax.tree.norm(state.params)))
     if cfg.export_torch and n_proc > 1:
       logger.warning('export skipped on a multi-host run; on one host run\n  python -m '
                      'flair_jax.convert to-torch --checkpoint %s --out DIR --format both', workdir)
