@@ -127,6 +127,13 @@ def apply_params(img_bhwc: jax.Array, params: AugmentParams) -> jax.Array:
   return per_sample(params.jitter, jittered, img)
 
 
+def to_unit_float(images_bhwc: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """uint8 pixels -> ``dtype`` in [0, 1]; float input only changes dtype."""
+  if jnp.issubdtype(images_bhwc.dtype, jnp.integer):
+    return (images_bhwc.astype(jnp.float32) / 255.0).astype(dtype)
+  return images_bhwc.astype(dtype)
+
+
 def augment(key: jax.Array, images_bhwc: jax.Array, *, dtype=jnp.float32, **kwargs) -> jax.Array:
   """FLAIR's pre-training augmentation of a batch.
 
@@ -138,9 +145,6 @@ def augment(key: jax.Array, images_bhwc: jax.Array, *, dtype=jnp.float32, **kwar
   Returns:
     ``[B, H, W, C]`` floats in [0, 1] (jitter clips; flip and affine keep range).
   """
-  if jnp.issubdtype(images_bhwc.dtype, jnp.integer):
-    img = images_bhwc.astype(jnp.float32) / 255.0
-  else:
-    img = images_bhwc.astype(jnp.float32)
+  img = to_unit_float(images_bhwc, jnp.float32)
   params = sample_params(key, images_bhwc.shape[0], **kwargs)
   return apply_params(img, params).astype(dtype)

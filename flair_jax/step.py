@@ -76,13 +76,6 @@ def attention_mask(lengths_b, length: int):
   return (jnp.arange(length)[None, :] < lengths_b[:, None]).astype(jnp.int32)
 
 
-def images_to_float(images_bhwc, dtype):
-  """uint8 pixels -> ``dtype`` in [0, 1]; float input passes unchanged."""
-  if jnp.issubdtype(images_bhwc.dtype, jnp.integer):
-    return (images_bhwc.astype(jnp.float32) / 255.0).astype(dtype)
-  return images_bhwc.astype(dtype)
-
-
 def _clamp_logit_scale(path, value):
   if path and getattr(path[0], 'key', None) == 'logit_scale':
     return jnp.clip(value, 0.0, LOGIT_SCALE_MAX)
@@ -104,7 +97,7 @@ def make_loss_fn(graphdef, mesh: Mesh, *, options: StepOptions = StepOptions(),
     if options.augment:
       images = augment_lib.augment(k_aug, batch['image'], dtype=compute_dtype)
     else:
-      images = images_to_float(batch['image'], compute_dtype)
+      images = augment_lib.to_unit_float(batch['image'], compute_dtype)
     mask = attention_mask(batch['lengths'], batch['input_ids'].shape[1])
 
     def towers(model, images, ids, mask, k_drop):
