@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import jax
 
+from data_pipelines import console
 from flair_jax.evaluation import data, report, run
 from flair_jax.inference import FLAIRModel
 
@@ -31,8 +33,8 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m flair_jax.evaluate',
-                              description=__doc__.splitlines()[0])
+  p = console.ArgumentParser(prog='python -m flair_jax.evaluate',
+                             description=__doc__.splitlines()[0])
   p.add_argument('--checkpoint', required=True,
                  help='flair_jax checkpoint / workdir, or PyTorch FLAIR .pth / folder')
   p.add_argument('--method', choices=run.METHODS, default='zero-shot')
@@ -61,10 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "(default: its config.json's, else Bio_ClinicalBERT)")
   p.add_argument('--workers', type=int, default=4, help='image reading threads')
   p.add_argument('--out', default='eval_results', help='output folder')
+  console.add_verbose_flag(p)
   return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+  """Evaluates as ``argv`` asks, writes the reports; returns the results."""
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format='%(message)s')
   logging.getLogger('flair_jax').setLevel(logging.INFO)
@@ -88,4 +92,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  main()
+  # The data, split, target and shot checks raise ValueError.
+  sys.exit(console.run(main, expected=(ValueError,)))

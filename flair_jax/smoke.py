@@ -6,8 +6,8 @@ with the package and a caption, print embedding shapes and timings.
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
+import sys
 import time
 
 import jax
@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from data_pipelines import console
 from flair_jax.models import FLAIR, BertConfig
 from flair_jax.preprocess import preprocess_image
 
@@ -30,8 +31,10 @@ def _timed(fn, *args):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = console.ArgumentParser(prog='python -m flair_jax.smoke',
+                                  description=__doc__.splitlines()[0])
   parser.add_argument('--image-size', type=int, default=512)
+  console.add_verbose_flag(parser)
   args = parser.parse_args(argv)
 
   asset = importlib.resources.files('flair_jax') / 'assets' / 'fundus_example.jpg'
@@ -59,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(console.run(main))

@@ -4,21 +4,28 @@ With no flags it runs the built-in demo (``configs/demo.py``): it builds a
 synthetic fundus set, trains small towers on the CPU, evaluates zero-shot,
 exports a PyTorch FLAIR folder and plots the run. Override any config key
 with ``--config.train.batch_size=256``; a typo names the closest key.
+Exit status: 0, 2 after an expected error (one line; ``--verbose`` adds its
+traceback), 1 after a bug.
 """
 
 import importlib.resources
 import json
 import logging
 import os
+import sys
+import textwrap
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from data_pipelines import console
+
 _DEMO = str(importlib.resources.files('configs') / 'demo.py')
 _CONFIG = config_flags.DEFINE_config_file('config', _DEMO, 'Training config file[:variant].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default: runs/<config name>).')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of an expected error too.')
 
 
 def _config_name(path: str) -> str:
@@ -27,9 +34,28 @@ def _config_name(path: str) -> str:
   return f'{name}_{variant}' if variant else name
 
 
-def main(argv):
+def _parse_flags(argv):
+  """absl's flag parsing, each failure one ``error:`` line and exit 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      console.usage_error(f'{flags.FLAGS["config"].config_filename}: get_config() returned None')
+    _CONFIG.value.get('train')  # A config file that failed to load raises only when read.
+  except flags.Error as e:  # A bad value, an unknown flag, an error in the config file.
+    console.usage_error(str(e))
+  except (KeyError, AttributeError) as e:  # An override names no config key.
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):
+      cause = cause.args[0]  # ml_collections wraps the KeyError that says 'Did you mean'.
+    console.usage_error(f'config has no key {cause.args[0] if cause.args else cause}')
+  except OSError as e:  # The config file is missing or unreadable: its last line says why.
+    console.usage_error(f'--config: {str(e).strip().splitlines()[-1].strip()}')
+  return rest
+
+
+def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise console.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   from flair_jax import trainer  # pylint: disable=g-import-not-at-top  # after flags
@@ -49,7 +75,9 @@ def _print_where(summary):
   for name, value in sorted(summary.get('results', {}).items()):
     lines.append(f'  {name}: {value:.4f}')
   if summary.get('export'):
-    lines.append(f'  PyTorch FLAIR export: {summary["export"]}')
+    lines.append(f'  PyTorch FLAIR export: {summary["export"]} ({", ".join(summary["export_files"])})')
+    lines.append(textwrap.fill(summary['export_note'], 88, initial_indent='    ',
+                               subsequent_indent='    '))
   for plot in summary.get('plots', []):
     lines.append(f'  plot: {plot}')
   if 'stopped_at' in summary:
@@ -57,5 +85,10 @@ def _print_where(summary):
   print('\n'.join(lines))
 
 
+def main(argv=None) -> int:
+  """``python -m flair_jax.train`` with ``argv`` (default ``sys.argv[1:]``)."""
+  return console.run(lambda rest: app.run(_main, [sys.argv[0], *rest], _parse_flags), argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

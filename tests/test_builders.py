@@ -212,7 +212,7 @@ def test_cli_exit_codes(assembly, capsys):
           '--image_format', 'png', '--max_pixels', '10000000']
   assert cli.main(args + ['--max_skipped_fraction', '0.6']) == 0  # Reused.
   assert 'kept 13 of 28' in capsys.readouterr().out
-  assert cli.main(args + ['--datasets', '30_BAD', '--max_skipped_fraction', '0.6']) == 1
+  assert cli.main(args + ['--datasets', '30_BAD', '--max_skipped_fraction', '0.6']) == 2
   assert 'no example kept' in capsys.readouterr().err
   assert cli.main(args + ['--canvas', '3']) == 2
   with pytest.raises(SystemExit):

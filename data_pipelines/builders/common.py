@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines import images
+from data_pipelines.console import UserError
 
 REPORT_NAME = 'build_report.json'
 FAILED_REPORT_NAME = 'build_report.failed.json'
@@ -50,7 +51,7 @@ class Skip(Exception):
     self.reason, self.detail = reason, detail
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
   """A build that skipped more than its allowed fraction of examples."""
 
 
@@ -271,6 +272,15 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, file_format=None, **kwargs):
     super().__init__(file_format=file_format or 'array_record', **kwargs)
     self._split_reports = {}
+
+  # TFDS prints 'Downloading and preparing dataset Unknown size ...' and
+  # '... downloaded and prepared to ...' around every build; these builders
+  # download nothing, and the build report says where the data went.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   # TFDS 4.9's own lookup needs the `importlib_resources` backport for a
   # builder inside a package; the module's file is the same answer.

@@ -11,14 +11,16 @@ import argparse
 import logging
 import sys
 
+from data_pipelines import console
 from flair_jax.convert.flair import FORMATS, export_to_torch, import_from_torch
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog='python -m flair_jax.convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = console.ArgumentParser(prog='python -m flair_jax.convert', description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
   to = sub.add_parser('to-torch', help='flair_jax checkpoint -> PyTorch FLAIR')
+  console.add_verbose_flag(to)
   to.add_argument('--checkpoint', required=True,
                   help='model folder, step folder or training workdir (its latest step)')
   to.add_argument('--out', required=True, help='new output folder')
@@ -31,6 +33,7 @@ def parse_args(argv):
                   help='add DIR/text_encoder/ (BERT config, tokenizer, weights) '
                   'and point bert_type at it')
   frm = sub.add_parser('from-torch', help='PyTorch FLAIR -> flair_jax checkpoint')
+  console.add_verbose_flag(frm)
   frm.add_argument('--input', required=True,
                    help='FLAIR .pth state dict, or a folder with config.json + model.safetensors')
   frm.add_argument('--out', required=True, help='new flair_jax model folder')
@@ -40,17 +43,20 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  """Runs one conversion; returns the exit status (see ``console.run``)."""
+  # A checkpoint, state dict or text tower that does not fit raises ValueError.
+  return console.run(_main, argv, expected=(ValueError,))
+
+
+def _main(argv) -> int:
+  args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
-  try:
-    if args.command == 'to-torch':
-      out = export_to_torch(args.checkpoint, args.out, args.format, args.bert_type,
-                            args.bundle_text_encoder)
-    else:
-      out = import_from_torch(args.input, args.out, args.bert_type)
-  except (OSError, ValueError, ImportError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's INFO lines
+  if args.command == 'to-torch':
+    out = export_to_torch(args.checkpoint, args.out, args.format, args.bert_type,
+                          args.bundle_text_encoder)
+  else:
+    out = import_from_torch(args.input, args.out, args.bert_type)
   print(out)
   return 0
 

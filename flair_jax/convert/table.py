@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines.console import UserError
+
 # Layouts: how one leaf changes between the frameworks.
 COPY = 'copy'        # same array, float32
 CONV = 'conv'        # torch OIHW <-> NNX HWIO
@@ -82,7 +84,7 @@ FLAIR_EXTRAS = ('text_model.model.embeddings.position_ids',)
 RESNET_EXTRAS = ('fc.weight', 'fc.bias')
 
 
-class KeyMismatchError(ValueError):
+class KeyMismatchError(UserError, ValueError):
   """A state dict whose keys or shapes are not exactly the model's."""
 
 
