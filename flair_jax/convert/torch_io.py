@@ -16,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
+from data_pipelines.console import UserError
+
 SAFETENSORS = 'model.safetensors'
 PTH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 # Weight files of a Hugging Face folder, in order of preference.
@@ -26,14 +28,27 @@ TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
 _HUB_PATTERNS = ['*.json', '*.txt', '*.safetensors', 'pytorch_model.bin']
 
 
+class TorchMissingError(UserError, ImportError):
+  """A ``.pth`` file was asked for and PyTorch is not installed."""
+
+
 def require_torch():
   """Imports torch or explains how to get it."""
   try:
     import torch
   except ImportError as e:
-    raise ImportError('.pth files need PyTorch: pip install "flair_jax[torch]" '
-                      '(safetensors files do not)') from e
+    raise TorchMissingError('.pth files need PyTorch: pip install "flair_jax[torch]" '
+                            '(safetensors files do not)') from e
   return torch
+
+
+def torch_available() -> bool:
+  """Whether ``import torch`` works here."""
+  try:
+    require_torch()
+  except ImportError:
+    return False
+  return True
 
 
 def _as_numpy(a: np.ndarray) -> np.ndarray:
