@@ -30,13 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.console import UserError
 from flair_jax.models import FLAIR, RESNET50_STAGES, BertConfig
 
 MODEL_ITEM = 'model'
 CONFIG_FILE = 'model_config.json'
 CHECKPOINTS_DIR = 'checkpoints'
+# Written by orbax last, when every item of a step is complete.
+COMMIT_MARKER = 'commit_success.txt'
 DEFAULT_BERT_TYPE = 'emilyalsentzer/Bio_ClinicalBERT'
 DEFAULT_CAPTION = 'A fundus photograph of [CLS]'
+
+
+class MismatchError(UserError, ValueError):
+  """A state or config that does not fit the model it is meant for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +88,7 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)} - {'bert'} | {'bert_config'}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f'model config has unknown keys {unknown}; expected some of {sorted(known)}')
+      raise MismatchError(f'model config has unknown keys {unknown}; expected some of {sorted(known)}')
     if 'bert_config' in d:
       d['bert'] = BertConfig.from_dict(d.pop('bert_config'))
     return cls(**d)
@@ -144,7 +151,7 @@ def assign_state(module: nnx.Module, state: Mapping) -> None:
               + [f'{k} has shape {got[k]}, expected {have[k]}'
                  for k in have if k in got and got[k] != have[k]])
   if problems:
-    raise ValueError(f'state does not fit {type(module).__name__}: ' + '; '.join(problems))
+    raise MismatchError(f'state does not fit {type(module).__name__}: ' + '; '.join(problems))
   nnx.replace_by_pure_dict(current, jax.tree.map(jnp.asarray, dict(state)))
   nnx.update(module, current)
 
@@ -207,12 +214,18 @@ def save_model(model: FLAIR, config: ModelConfig, directory: str) -> str:
   return save_state(model_state(model), config, directory)
 
 
+def is_committed(step_dir: str) -> bool:
+  """Whether orbax finished writing this step folder (its commit marker)."""
+  return os.path.isfile(os.path.join(step_dir, COMMIT_MARKER))
+
+
 def _steps(folder: str) -> list:
-  """Finished orbax steps (integer names holding an item ``model``)."""
+  """Finished orbax steps (integer names, committed, holding an item ``model``)."""
   if not os.path.isdir(folder):
     return []
   return sorted(int(n) for n in os.listdir(folder)
-                if n.isdigit() and os.path.isdir(os.path.join(folder, n, MODEL_ITEM)))
+                if n.isdigit() and os.path.isdir(os.path.join(folder, n, MODEL_ITEM))
+                and is_committed(os.path.join(folder, n)))
 
 
 def resolve_checkpoint(path: str) -> tuple:
@@ -259,18 +272,32 @@ def load_state(path: str, sharding=None) -> tuple:
   item_dir, config_path = resolve_checkpoint(path)
   config = ModelConfig.load(config_path)
   target = abstract_model_state(config, sharding)
+  problems = shape_problems(item_dir, target)
+  if problems:
+    raise MismatchError(f'checkpoint {item_dir} does not fit the model of {config_path}: '
+                     + '; '.join(problems))
   with ocp.StandardCheckpointer() as ckpt:
-    stored = _stored_shapes(ckpt.metadata(item_dir))
-    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat(target).items()}
-    problems = ([f'missing {k}' for k in want if k not in stored]
-                + [f'unexpected {k}' for k in stored if k not in want]
-                + [f'{k} is {_spec(*stored[k])}, expected {_spec(*want[k])}'
-                   for k in want if k in stored and stored[k] != want[k]])
-    if problems:
-      raise ValueError(f'checkpoint {item_dir} does not fit the model of {config_path}: '
-                       + '; '.join(problems))
     state = ckpt.restore(item_dir, target)
   return state, config
+
+
+def shape_problems(item_dir: str, target: Mapping) -> list:
+  """Every path whose presence, shape or dtype differs between the orbax item
+  ``item_dir`` (read from its metadata, no arrays) and nested ``target``.
+
+  Raises:
+    whatever orbax raises when the metadata cannot be read (a damaged item).
+  """
+  import orbax.checkpoint as ocp
+  from etils import epath
+  # The handler reads the item's own metadata (the checkpointer would also
+  # look for, and warn about, step metadata that an item folder does not have).
+  stored = _stored_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)))
+  want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat(target).items()}
+  return ([f'missing {k}' for k in want if k not in stored]
+          + [f'unexpected {k}' for k in stored if k not in want]
+          + [f'{k} is {_spec(*stored[k])}, expected {_spec(*want[k])}'
+             for k in want if k in stored and stored[k] != want[k]])
 
 
 def _spec(shape, dtype) -> str:

@@ -8,9 +8,11 @@ local slice of the batch and JAX's multi-controller runtime does the rest.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp')
@@ -65,6 +67,32 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
                       local_batch)
 
 
+def replicated_value(fn, mesh: Mesh) -> Any:
+  """``fn()`` computed as a global, replicated value (e.g. a PRNG key).
+
+  ``jax.device_put`` refuses shardings over other processes' devices; a
+  jitted function with ``out_shardings`` creates the value on every process.
+  """
+  return jax.jit(fn, out_shardings=replicated(mesh))()
+
+
+def to_host(tree: Any) -> Any:
+  """Host NumPy copies of a pytree of replicated (or single-process) arrays.
+
+  Every process holds a whole copy of a replicated array, so its first
+  addressable shard is the value: no collective, and it works on every
+  process of a multi-host run (``jax.device_get`` refuses an array spanning
+  other processes' devices).
+  """
+  def leaf(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        raise ValueError(f'to_host needs a replicated array; got sharding {x.sharding}')
+      return np.asarray(x.addressable_data(0))
+    return jax.device_get(x)
+  return jax.tree.map(leaf, tree)
+
+
 def maybe_initialize_distributed(enabled: bool, coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None) -> bool:
@@ -74,11 +102,17 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: Optional[st
   managed GPU clusters (SLURM, ...) the arguments may stay None and are
   detected from the environment.
 
+  Cross-process collectives of the CPU backend need an implementation;
+  gloo is selected unless ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` says
+  otherwise (it does not affect GPU or TPU backends).
+
   Returns:
     whether ``jax.distributed.initialize`` was called.
   """
   if not enabled or num_processes == 1 or jax.distributed.is_initialized():
     return False
+  if not os.environ.get('JAX_CPU_COLLECTIVES_IMPLEMENTATION'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True

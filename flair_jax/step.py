@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from data_pipelines import augment as augment_lib
-from flair_jax import losses
+from flair_jax import losses, parallel
 from flair_jax.models import LOGIT_SCALE_MAX
 
 # Batch keys the step reads, with their per-example shapes.
@@ -61,14 +61,18 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
                        mesh: Optional[Mesh] = None):
   """Splits the model once; returns ``(graphdef, state)``.
 
-  With a mesh, the state is placed replicated on all of its devices.
+  With a mesh, the state is placed replicated on all of its devices (by a
+  jitted function: on several processes ``device_put`` cannot place it).
   """
   graphdef, params, batch_stats = split_model(model)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=batch_stats, opt_state=tx.init(params))
-  if mesh is not None:
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-  return graphdef, state
+
+  def init(params, batch_stats):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=batch_stats, opt_state=tx.init(params))
+
+  if mesh is None:
+    return graphdef, init(params, batch_stats)
+  return graphdef, jax.jit(init, out_shardings=parallel.replicated(mesh))(params, batch_stats)
 
 
 def attention_mask(lengths_b, length: int):
@@ -154,8 +158,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *,
                            batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
-  replicated = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P('data'))
+  replicated, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   return jax.jit(train_step,
                  in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated),

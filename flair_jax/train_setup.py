@@ -20,6 +20,7 @@ from data_pipelines import captions as captions_lib
 from data_pipelines import categories as categories_lib
 from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines.console import UserError
 from flair_jax import checkpoint, optim
 from flair_jax.convert import pretrained
 from flair_jax.models import BertConfig
@@ -29,8 +30,12 @@ logger = logging.getLogger(__name__)
 SYNTHETIC = 'fundus_synthetic'
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
   """The configured pre-training data is not built."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work (the message says which and why)."""
 
 
 def compute_dtype(name: str):
@@ -111,7 +116,7 @@ def check_datasets(expected, counts: dict, data_path: str) -> None:
     return
   extra = sorted(set(counts) - set(expected))
   if extra:
-    raise ValueError(
+    raise ConfigError(
         f'{data_path} holds datasets outside data.datasets: {extra}. Rebuild without them '
         '(python -m data_pipelines build fundus_assembly --datasets ...) or list them in '
         '--config.data.datasets')
@@ -170,7 +175,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_st
                                 horizon_epochs=t.horizon_epochs)
   if t.schedule == 'cosine':
     return optim.warmup_cosine_schedule(t.lr, t.warmup_epochs * steps_per_epoch, total_steps)
-  raise ValueError(f'train.schedule {t.schedule!r} unknown; expected "flair" or "cosine"')
+  raise ConfigError(f'train.schedule {t.schedule!r} unknown; expected "flair" or "cosine"')
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule):

@@ -1,15 +1,18 @@
 """The pre-training loop: ``train_and_evaluate(config, workdir)``.
 
-A run resumes from its workdir first (the latest complete checkpoint: model,
-optimiser, step and the data iterator's position), else starts from the
-initial weights the config names. SIGTERM and Ctrl-C save the current step
-and return; a non-finite loss stops the run naming the step, keeping the last
-good checkpoint.
+A run resumes from its workdir first (the newest checkpoint that restores:
+model, optimiser, step and the data iterator's position; a damaged newer one
+is moved aside, never deleted), else starts from the initial weights the
+config names. SIGTERM and Ctrl-C save the current step and return; a
+non-finite loss stops the run naming the step, keeping the last good
+checkpoint. On several processes every process runs this same function;
+process 0 logs, evaluates and exports while the others wait.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -26,10 +29,10 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from data_pipelines import pipeline
+from data_pipelines.console import UserError
 from flair_jax import checkpoint, parallel, train_log, train_setup
 from flair_jax import step as step_lib
 
@@ -38,8 +41,12 @@ logger = logging.getLogger(__name__)
 EXPORT_DIR = 'export_torch'
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or infinite."""
+
+
+class CheckpointError(UserError, RuntimeError):
+  """The workdir's checkpoints cannot be resumed from."""
 
 
 def _merge_dicts(a: dict, b: dict) -> dict:
@@ -71,34 +78,90 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_DIR), options=options)
+    self.directory = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_DIR)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, state: step_lib.TrainState, data_iter, config_json: dict) -> None:
-    step = int(jax.device_get(state.step))
+    step = int(parallel.to_host(state.step))
     model = _merge_dicts(nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
     self.manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model),
+        **{checkpoint.MODEL_ITEM: ocp.args.StandardSave(model)},
         opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.JsonSave({'step': step, 'config': config_json}),
         data=grain.checkpoint.CheckpointSave(data_iter)))
 
-  def restore(self, state: step_lib.TrainState, data_iter) -> step_lib.TrainState:
-    """The latest checkpoint restored into the shapes and shardings of ``state``."""
-    step = self.manager.latest_step()
+  def restore(self, state: step_lib.TrainState, data_iter):
+    """The newest checkpoint that restores, in the shapes and shardings of
+    ``state``; None when the workdir has none.
+
+    A step that fails to restore (a truncated or corrupt file) is logged with
+    its reason and moved aside as ``<step>.damaged-<time>`` (never deleted);
+    a step folder without orbax's commit marker (a save that never finished)
+    is moved aside as ``<step>.incomplete-<time>``; then the step before it is
+    tried. Every process takes the same decision.
+
+    Raises:
+      CheckpointError: checkpoints exist but none restores, or they hold a
+        model of another shape than ``state``.
+    """
+    set_aside = []
+    while (step := self.manager.latest_step()) is not None:
+      if not checkpoint.is_committed(os.path.join(self.directory, str(step))):
+        self._set_aside(step, 'incomplete', 'no commit marker: a save that never finished')
+        continue
+      reason, restored = None, None
+      try:
+        with _quiet_abandoned_reads():
+          restored = self._restore_step(step, state, data_iter)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # any damage: set aside
+        reason = _short_reason(e)
+      if not _any_process(reason is not None):
+        return restored
+      set_aside.append(self._set_aside(step, 'damaged', reason or 'failed on another process'))
+    if set_aside:
+      raise CheckpointError(
+          f'no checkpoint in {self.directory} restores; the damaged steps were moved aside '
+          f'({", ".join(os.path.basename(p) for p in set_aside if p)}). Restore a backup into '
+          'that folder, or start afresh with another --workdir.')
+    return None
+
+  def _set_aside(self, step: int, kind: str, reason: str):
+    """Renames step folder ``step`` to ``<step>.<kind>-<time>`` (on process 0)."""
+    path = None
+    if jax.process_index() == 0:
+      path = os.path.join(self.directory, f'{step}.{kind}-{time.strftime("%Y%m%d-%H%M%S")}')
+      os.rename(os.path.join(self.directory, str(step)), path)
+      logger.warning('checkpoint step %d is not usable (%s); moved it aside to %s and trying '
+                     'the step before it', step, reason, path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'flair_jax: checkpoint {step} set aside')
+    self.manager.reload()
+    return path
+
+  def _restore_step(self, step: int, state: step_lib.TrainState, data_iter):
     params, stats = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats)
     target = _abstract(_merge_dicts(params, stats))
+    item_dir = os.path.join(self.directory, str(step), checkpoint.MODEL_ITEM)
+    problems = checkpoint.shape_problems(item_dir, target)
+    if problems:
+      raise CheckpointError(
+          f'checkpoint {os.path.dirname(item_dir)} holds a model of another shape than this '
+          f'config builds ({"; ".join(problems[:3])}{"; ..." if len(problems) > 3 else ""}). '
+          'Resume with the config it was trained with (config.json in the workdir), or use '
+          'another --workdir.')
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target),
+        **{checkpoint.MODEL_ITEM: ocp.args.StandardRestore(target)},
         opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
         meta=ocp.args.JsonRestore(),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     new_params, new_stats = state.params, state.batch_stats
-    nnx.replace_by_pure_dict(new_params, _select(restored['model'], params))
-    nnx.replace_by_pure_dict(new_stats, _select(restored['model'], stats))
+    nnx.replace_by_pure_dict(new_params, _select(restored[checkpoint.MODEL_ITEM], params))
+    nnx.replace_by_pure_dict(new_stats, _select(restored[checkpoint.MODEL_ITEM], stats))
     self.restored_config = restored['meta'].get('config', {})
     return step_lib.TrainState(step=jnp.asarray(restored['meta']['step'], jnp.int32),
                                params=new_params, batch_stats=new_stats,
@@ -131,6 +194,31 @@ def _stop_requests():
       signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """orbax reads arrays in asyncio tasks; when one read fails, the errors of
+  the others are never retrieved and asyncio logs each one, with the whole
+  TensorStore spec, when the task is collected. The failure is reported once,
+  by the caller; this drops those echoes (and only those)."""
+  log = logging.getLogger('asyncio')
+
+  def keep(record):
+    return not record.getMessage().startswith('Task exception was never retrieved')
+
+  log.addFilter(keep)
+  try:
+    yield
+  finally:
+    gc.collect()  # the abandoned tasks are collected, and logged, now
+    log.removeFilter(keep)
+
+
+def _short_reason(error: BaseException) -> str:
+  """The first line of an error, without TensorStore's attached details."""
+  text = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore')[0]
+  return f'{type(error).__name__}: {text[:300]}'
+
+
 def _any_process(flag: bool) -> bool:
   """True on every process when ``flag`` is True on any (a collective)."""
   if jax.process_count() == 1:
@@ -159,7 +247,7 @@ def eval_sets(cfg, data_path: str) -> dict:
   for name in cfg.eval.sets:
     if name == 'synthetic':
       if cfg.data.name != train_setup.SYNTHETIC:
-        raise ValueError("eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
+        raise train_setup.ConfigError("eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
                          f'{cfg.data.name!r} name built fundus_classification folders')
       sets['synthetic'] = eval_data.from_pretraining_split(data_path, 'test')
     else:
@@ -168,11 +256,14 @@ def eval_sets(cfg, data_path: str) -> dict:
 
 
 def evaluate(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
-  """Zero-shot balanced accuracy (and friends) on the configured sets."""
+  """Zero-shot balanced accuracy (and friends) on the configured sets.
+
+  Runs on this process's devices alone: call it on one process.
+  """
   from flair_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
   from flair_jax.inference import FLAIRModel  # pylint: disable=g-import-not-at-top
 
-  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats))
+  model = nnx.merge(graphdef, parallel.to_host(state.params), parallel.to_host(state.batch_stats))
   flair = FLAIRModel(model, tokenizer, image_size=mc.image_size, caption=mc.caption)
   results = {}
   for key, data in sets.items():
@@ -189,6 +280,37 @@ def evaluate(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
   return results
 
 
+def _final_evaluation(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
+  try:
+    return evaluate(cfg, graphdef, state, tokenizer, mc, sets)
+  except Exception:  # pylint: disable=broad-except  # keep the export and plots
+    logger.exception('final evaluation failed; the checkpoints are complete')
+    return {}
+
+
+def _export(workdir: str, model_state: dict, mc) -> dict:
+  """The PyTorch FLAIR folder of the final state, from memory."""
+  from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, EXPORT_DIR)
+  shutil.rmtree(out, ignore_errors=True)
+  out = convert_flair.export_state(model_state, mc, out, fmt='both', bundle_text_encoder=True,
+                                   source=workdir)
+  return {'export': out, 'export_files': sorted(os.listdir(out)),
+          'export_note': convert_flair.describe_export(mc)}
+
+
+def _on_main(fn, what: str):
+  """``fn()`` on process 0 while the other processes wait at a barrier.
+
+  Returns its result on process 0 and None elsewhere.
+  """
+  try:
+    return fn() if jax.process_index() == 0 else None
+  finally:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'flair_jax: {what}')
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) and evaluates; returns a summary of the run."""
   t_start = time.time()
@@ -203,7 +325,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   n_proc = jax.process_count()
   if cfg.train.batch_size % (mesh.shape['data'] * mesh.shape.get('fsdp', 1)):
-    raise ValueError(f'train.batch_size {cfg.train.batch_size} is not a multiple of the '
+    raise train_setup.ConfigError(f'train.batch_size {cfg.train.batch_size} is not a multiple of the '
                      f'{jax.device_count()} devices')
   dtype = train_setup.compute_dtype(cfg.train.compute_dtype)
   logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
@@ -235,8 +357,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Model, optimiser, step.
   mc, bert_state = train_setup.model_config(cfg, tokenizer, tokenizer_folder)
-  replicated = NamedSharding(mesh, P())
-  model = train_setup.init_model(mc, bert_state, cfg, dtype, replicated)
+  model = train_setup.init_model(mc, bert_state, cfg, dtype, parallel.replicated(mesh))
   schedule = train_setup.make_schedule(cfg, steps_per_epoch, total_steps)
   tx = train_setup.make_optimizer(cfg, schedule)
   graphdef, state = step_lib.create_train_state(model, tx, mesh)
@@ -252,19 +373,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Resume from the workdir first.
   ckpts = Checkpoints(workdir, cfg.checkpoint.keep)
-  if ckpts.latest_step() is not None:
-    state = ckpts.restore(state, data_iter)
+  restored = ckpts.restore(state, data_iter)
+  if restored is not None:
+    state = restored
     logger.info('resumed from step %d of %s', int(state.step), workdir)
     drift = _config_drift(ckpts.restored_config, config_json)
     if drift:
       logger.warning('the config differs from the one the checkpoint was trained with: %s',
                      '; '.join(drift))
-  first_step = int(jax.device_get(state.step))
+  first_step = int(parallel.to_host(state.step))
   if is_main:
     train_log.truncate_metrics(workdir, first_step)
   writer = train_log.MetricsWriter(workdir, enabled=is_main)
   every_ckpt = cfg.checkpoint.every_steps or steps_per_epoch
-  key = jax.device_put(jax.random.key(cfg.seed), replicated)
+  key = parallel.replicated_value(lambda: jax.random.key(cfg.seed), mesh)
 
   def next_batch():
     local = next(data_iter)
@@ -274,6 +396,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   summary = {'workdir': workdir, 'data': data_path, 'steps_per_epoch': steps_per_epoch,
              'total_steps': total_steps, 'first_step': first_step}
   results = {}
+  progress = None
   try:
     batch = next_batch() if first_step < total_steps else None
     compiled = flops = peak = None
@@ -293,7 +416,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     def flush():
       """Host copies of pending metrics; raises on a non-finite loss."""
       for s, m in pending:
-        m = jax.device_get(m)
+        m = parallel.to_host(m)
         bad = [k for k in ('loss', 'l2_grads', 'l2_params') if not np.isfinite(m[k])]
         if bad:
           where = (f'the last good checkpoint is step {last_saved} in {workdir}/checkpoints '
@@ -342,33 +465,32 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           return summary
         if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < total_steps:
           ckpts.wait()
-          results = evaluate(cfg, graphdef, state, tokenizer, mc, sets)
-          writer.write(done, results)
-          logger.info('step %d: %s', done, results)
+          results = _on_main(lambda: evaluate(cfg, graphdef, state, tokenizer, mc, sets),
+                             f'eval at step {done}')
+          if is_main:
+            writer.write(done, results)
+            logger.info('step %d: %s', done, results)
         if done < total_steps:  # after the save: it records the iterator's position
           batch = next_batch()
     progress.close()
     ckpts.wait()
+    final_step = int(parallel.to_host(state.step))
     if sets:
-      try:
-        results = evaluate(cfg, graphdef, state, tokenizer, mc, sets)
-        writer.write(int(jax.device_get(state.step)), results)
-      except Exception:  # pylint: disable=broad-except  # keep the export and plots
-        logger.exception('final evaluation failed; the checkpoints are complete')
-    summary.update(final_step=int(jax.device_get(state.step)), results=results,
-                   params_l2=float(optax.tree.norm(state.params)))
-    if cfg.export_torch and n_proc > 1:
-      logger.warning('export skipped on a multi-host run; on one host run\n  python -m '
-                     'flair_jax.convert to-torch --checkpoint %s --out DIR --format both', workdir)
-    elif cfg.export_torch:
-      out = os.path.join(workdir, EXPORT_DIR)
-      shutil.rmtree(out, ignore_errors=True)
-      from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top
-      summary['export'] = convert_flair.export_to_torch(workdir, out, fmt='both',
-                                                        bundle_text_encoder=True)
+      results = _on_main(lambda: _final_evaluation(cfg, graphdef, state, tokenizer, mc, sets),
+                         'final eval') or {}
+      if is_main and results:
+        writer.write(final_step, results)
+    summary.update(final_step=final_step, results=results,
+                   params_l2=float(parallel.to_host(optax.tree.norm(state.params))))
+    if cfg.export_torch:
+      model_state = _merge_dicts(nnx.to_pure_dict(parallel.to_host(state.params)),
+                                 nnx.to_pure_dict(parallel.to_host(state.batch_stats)))
+      summary.update(_on_main(lambda: _export(workdir, model_state, mc), 'export') or {})
     if is_main and cfg.plots:
       summary['plots'] = train_log.plot(workdir)
   finally:
+    if progress is not None:
+      progress.close()  # before any error message: the bar's last line is drawn now
     ckpts.close()
     writer.close()
     if hasattr(data_iter, 'close'):

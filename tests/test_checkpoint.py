@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -99,11 +100,22 @@ def test_resolve_checkpoint_finds_the_latest_step_of_a_workdir(workdir):
   _assert_equal(state, states[12])
 
 
+def test_a_step_without_its_commit_marker_is_not_a_checkpoint(workdir, tmp_path):
+  wd, states = workdir
+  shutil.copytree(wd, tmp_path / 'wd', symlinks=True)
+  unfinished = tmp_path / 'wd' / 'checkpoints' / '20'
+  shutil.copytree(wd / 'checkpoints' / '3', unfinished)
+  (unfinished / checkpoint.COMMIT_MARKER).unlink()  # a save killed before its commit
+  assert checkpoint.resolve_checkpoint(str(tmp_path / 'wd'))[0].endswith('/12/model')
+  _assert_equal(checkpoint.load_state(str(tmp_path / 'wd'))[0], states[12])
+
+
 def test_a_config_inside_the_step_wins(workdir, tmp_path):
   wd, _ = workdir
   step = tmp_path / 'checkpoints' / '5'
   step.mkdir(parents=True)
   os.symlink(wd / 'checkpoints' / '12' / 'model', step / 'model')
+  (step / checkpoint.COMMIT_MARKER).write_text('')  # a step orbax finished
   dataclasses.replace(CONFIG, caption='[CLS]').save(str(step / 'model_config.json'))
   CONFIG.save(str(tmp_path / 'model_config.json'))
   _, config = checkpoint.load_state(str(tmp_path))

@@ -1,7 +1,6 @@
 """Mesh, shardings, global batches; a real two-process run on CPU (gloo)."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 
 from flair_jax import losses, parallel
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import subprocess_env
 
 
 def test_make_mesh_covers_all_devices_with_auto_axes():
@@ -83,8 +81,7 @@ def test_two_processes_assemble_the_global_batch_and_agree_on_the_loss():
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env = subprocess_env(2)
   procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
