@@ -88,7 +88,8 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)} - {'bert'} | {'bert_config'}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise MismatchError(f'model config has unknown keys {unknown}; expected some of {sorted(known)}')
+      raise MismatchError(f'model config has unknown keys {unknown}; '
+                          f'expected some of {sorted(known)}')
     if 'bert_config' in d:
       d['bert'] = BertConfig.from_dict(d.pop('bert_config'))
     return cls(**d)

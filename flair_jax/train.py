@@ -75,7 +75,8 @@ def _print_where(summary):
   for name, value in sorted(summary.get('results', {}).items()):
     lines.append(f'  {name}: {value:.4f}')
   if summary.get('export'):
-    lines.append(f'  PyTorch FLAIR export: {summary["export"]} ({", ".join(summary["export_files"])})')
+    files = ', '.join(summary['export_files'])
+    lines.append(f'  PyTorch FLAIR export: {summary["export"]} ({files})')
     lines.append(textwrap.fill(summary['export_note'], 88, initial_indent='    ',
                                subsequent_indent='    '))
   for plot in summary.get('plots', []):

@@ -247,8 +247,9 @@ def eval_sets(cfg, data_path: str) -> dict:
   for name in cfg.eval.sets:
     if name == 'synthetic':
       if cfg.data.name != train_setup.SYNTHETIC:
-        raise train_setup.ConfigError("eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
-                         f'{cfg.data.name!r} name built fundus_classification folders')
+        raise train_setup.ConfigError(
+            "eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
+            f'{cfg.data.name!r} name built fundus_classification folders')
       sets['synthetic'] = eval_data.from_pretraining_split(data_path, 'test')
     else:
       sets[os.path.basename(name.rstrip('/'))] = eval_data.from_tfds(name)
@@ -325,8 +326,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   n_proc = jax.process_count()
   if cfg.train.batch_size % (mesh.shape['data'] * mesh.shape.get('fsdp', 1)):
-    raise train_setup.ConfigError(f'train.batch_size {cfg.train.batch_size} is not a multiple of the '
-                     f'{jax.device_count()} devices')
+    raise train_setup.ConfigError(f'train.batch_size {cfg.train.batch_size} is not a multiple '
+                                  f'of the {jax.device_count()} devices')
   dtype = train_setup.compute_dtype(cfg.train.compute_dtype)
   logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
               jax.devices()[0].device_kind, n_proc, jnp.dtype(dtype).name)
@@ -373,7 +374,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Resume from the workdir first.
   ckpts = Checkpoints(workdir, cfg.checkpoint.keep)
-  restored = ckpts.restore(state, data_iter)
+  try:
+    restored = ckpts.restore(state, data_iter)
+  except BaseException:
+    ckpts.close()  # no orbax thread left to report on a closed event loop at exit
+    raise
   if restored is not None:
     state = restored
     logger.info('resumed from step %d of %s', int(state.step), workdir)

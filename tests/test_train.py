@@ -244,7 +244,8 @@ def test_when_no_checkpoint_restores_the_run_stops_naming_the_folder(uninterrupt
   result = subprocess.run(_train_cmd(workdir), env=_env(), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 2, result.stderr[-3000:]
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: no checkpoint in ') and str(workdir / 'checkpoints') in last
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith('error: no checkpoint in ')
+  assert str(workdir / 'checkpoints') in errors[0]
   assert 'Traceback' not in result.stderr
   assert len(_set_aside(workdir, 'damaged')) == 3 and _checkpoint_steps(workdir) == []
