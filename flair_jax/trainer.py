@@ -45,6 +45,11 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or infinite."""
 
 
+class ProcessZeroError(UserError, RuntimeError):
+  """What the other processes report when process 0 failed at a step they
+  were waiting for."""
+
+
 class CheckpointError(UserError, RuntimeError):
   """The workdir's checkpoints cannot be resumed from."""
 
@@ -101,16 +106,19 @@ class Checkpoints:
     its reason and moved aside as ``<step>.damaged-<time>`` (never deleted);
     a step folder without orbax's commit marker (a save that never finished)
     is moved aside as ``<step>.incomplete-<time>``; then the step before it is
-    tried. Every process takes the same decision.
+    tried. When none restores, every folder is put back as it was (the cause
+    may be a changed config or process count rather than damage) and the run
+    stops. Every process takes the same decision.
 
     Raises:
       CheckpointError: checkpoints exist but none restores, or they hold a
         model of another shape than ``state``.
     """
-    set_aside = []
+    set_aside = []  # (step, folder it was moved to, reason)
     while (step := self.manager.latest_step()) is not None:
       if not checkpoint.is_committed(os.path.join(self.directory, str(step))):
-        self._set_aside(step, 'incomplete', 'no commit marker: a save that never finished')
+        reason = 'no commit marker: a save that never finished'
+        set_aside.append((step, self._set_aside(step, 'incomplete', reason), reason))
         continue
       reason, restored = None, None
       try:
@@ -122,26 +130,37 @@ class Checkpoints:
         reason = _short_reason(e)
       if not _any_process(reason is not None):
         return restored
-      set_aside.append(self._set_aside(step, 'damaged', reason or 'failed on another process'))
+      reason = reason or 'failed on another process'
+      set_aside.append((step, self._set_aside(step, 'damaged', reason), reason))
     if set_aside:
+      self._put_back(set_aside)
       raise CheckpointError(
-          f'no checkpoint in {self.directory} restores; the damaged steps were moved aside '
-          f'({", ".join(os.path.basename(p) for p in set_aside if p)}). Restore a backup into '
-          'that folder, or start afresh with another --workdir.')
+          f'no checkpoint in {self.directory} restores, so none was moved: '
+          + '; '.join(f'step {step}: {reason}' for step, _, reason in set_aside)
+          + '. Resume with the config and process count it was trained with, restore a '
+          'backup into that folder, or start afresh with another --workdir.')
     return None
 
   def _set_aside(self, step: int, kind: str, reason: str):
     """Renames step folder ``step`` to ``<step>.<kind>-<time>`` (on process 0)."""
-    path = None
+    path = os.path.join(self.directory, f'{step}.{kind}-{time.strftime("%Y%m%d-%H%M%S")}')
     if jax.process_index() == 0:
-      path = os.path.join(self.directory, f'{step}.{kind}-{time.strftime("%Y%m%d-%H%M%S")}')
       os.rename(os.path.join(self.directory, str(step)), path)
       logger.warning('checkpoint step %d is not usable (%s); moved it aside to %s and trying '
                      'the step before it', step, reason, path)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'flair_jax: checkpoint {step} set aside')
-    self.manager.reload()
+    self._sync(f'checkpoint {step} set aside')
     return path
+
+  def _put_back(self, set_aside) -> None:
+    if jax.process_index() == 0:
+      for step, path, _ in set_aside:
+        os.rename(path, os.path.join(self.directory, str(step)))
+    self._sync('checkpoints put back')
+
+  def _sync(self, what: str) -> None:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'flair_jax: {what}')
+    self.manager.reload()
 
   def _restore_step(self, step: int, state: step_lib.TrainState, data_iter):
     params, stats = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats)
@@ -289,9 +308,11 @@ def _final_evaluation(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
     return {}
 
 
-def _export(workdir: str, model_state: dict, mc) -> dict:
+def _export(workdir: str, state: step_lib.TrainState, mc) -> dict:
   """The PyTorch FLAIR folder of the final state, from memory."""
   from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top
+  model_state = _merge_dicts(nnx.to_pure_dict(parallel.to_host(state.params)),
+                             nnx.to_pure_dict(parallel.to_host(state.batch_stats)))
   out = os.path.join(workdir, EXPORT_DIR)
   shutil.rmtree(out, ignore_errors=True)
   out = convert_flair.export_state(model_state, mc, out, fmt='both', bundle_text_encoder=True,
@@ -301,15 +322,28 @@ def _export(workdir: str, model_state: dict, mc) -> dict:
 
 
 def _on_main(fn, what: str):
-  """``fn()`` on process 0 while the other processes wait at a barrier.
+  """``fn()`` on process 0 while the other processes wait for it.
 
-  Returns its result on process 0 and None elsewhere.
+  Every process learns whether it failed (the agreement is a collective), so
+  none is left waiting: process 0 re-raises, the others raise a one-line
+  error pointing at its log.
+
+  Returns:
+    its result on process 0 and None elsewhere.
   """
-  try:
-    return fn() if jax.process_index() == 0 else None
-  finally:
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'flair_jax: {what}')
+  if jax.process_count() == 1:
+    return fn()
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised below
+      error = e
+  if _any_process(error is not None):
+    if error is not None:
+      raise error
+    raise ProcessZeroError(f'process 0 failed during {what}; its log says why')
+  return result
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -339,12 +373,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     srcs = train_setup.train_sources(path)
     return (path, srcs) + train_setup.prepare_tokenizer(cfg, workdir, srcs)
 
-  if is_main:
-    data_path, sources, tokenizer, tokenizer_folder = open_input()
-  if n_proc > 1:
-    multihost_utils.sync_global_devices('flair_jax: data and tokenizer ready')
-  if not is_main:
-    data_path, sources, tokenizer, tokenizer_folder = open_input()
+  opened = _on_main(open_input, 'the data and tokenizer build')
+  data_path, sources, tokenizer, tokenizer_folder = opened if is_main else open_input()
   data_iter = pipeline.make_pretraining_iterator(
       sources, batch_size=cfg.train.batch_size // n_proc, seed=cfg.seed, tokenizer=tokenizer,
       knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
@@ -488,9 +518,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.update(final_step=final_step, results=results,
                    params_l2=float(parallel.to_host(optax.tree.norm(state.params))))
     if cfg.export_torch:
-      model_state = _merge_dicts(nnx.to_pure_dict(parallel.to_host(state.params)),
-                                 nnx.to_pure_dict(parallel.to_host(state.batch_stats)))
-      summary.update(_on_main(lambda: _export(workdir, model_state, mc), 'export') or {})
+      summary.update(_on_main(lambda: _export(workdir, state, mc), 'export') or {})
     if is_main and cfg.plots:
       summary['plots'] = train_log.plot(workdir)
   finally:

@@ -46,7 +46,7 @@ def torch_available() -> bool:
   """Whether ``import torch`` works here."""
   try:
     require_torch()
-  except ImportError:
+  except Exception:  # pylint: disable=broad-except  # ImportError, or a broken install
     return False
   return True
 
