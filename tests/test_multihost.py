@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, subprocess_env
+from tests.test_train import _final_model
 
 TOTAL_STEPS = 12  # the tiny demo: 2 epochs of 6 steps, a checkpoint every 3
 ARGS = ['-m', 'flair_jax.train', '--config', str(REPO / 'configs' / 'demo.py') + ':tiny',
@@ -64,14 +65,6 @@ def _logs(log_dir):
 
 def _summary(text):
   return json.JSONDecoder().raw_decode(text[text.index('{\n'):])[0]
-
-
-def _final_model(workdir):
-  from flair_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  state, _ = checkpoint.load_state(str(workdir))
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def _committed_steps(workdir):
