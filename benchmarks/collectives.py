@@ -135,8 +135,8 @@ def compile_tiny_step(devices, *, batch=TINY['batch'], image=TINY['image']):
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from benchmarks import train_throughput as tt  # pylint: disable=g-import-not-at-top
-  from flair_jax import optim, parallel  # pylint: disable=g-import-not-at-top
-  from flair_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from flair_jax import parallel  # pylint: disable=g-import-not-at-top
+  from flair_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
   from flair_jax.models import FLAIR, BertConfig  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh(devices=devices)

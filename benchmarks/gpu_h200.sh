@@ -55,7 +55,7 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'trans
 if sys.argv[1] != '1':
   assert jax.default_backend() == 'gpu', 'JAX has no GPU backend'
   assert torch.cuda.is_available(), 'torch sees no CUDA device'
-import flair_jax.step, benchmarks.torch_flair_step  # the code imports with these versions
+import flair_jax.training.step, benchmarks.torch_flair_step  # the code imports with these versions
 EOF
 if [ "$SMOKE" = 1 ]; then say "SMOKE=1: tiny towers, no GPU required"; fi
 

@@ -5,7 +5,7 @@ device count is fixed when JAX starts) and each global batch B, compiles
 three losses on 512-d float32 embeddings sharded over 'data' and reads
 ``compiled.memory_analysis().temp_size_in_bytes`` (per device):
 
-  sharded     flair_jax.losses.sharded_label_aware_contrastive_loss
+  sharded     flair_jax.training.losses.sharded_label_aware_contrastive_loss
   full        each device all-gathers and forms the full [B, B] logits
   gspmd       the single-device formula under jit, left to XLA's partitioner
 
@@ -46,7 +46,8 @@ def measure(devices, batches, dim):
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from flair_jax import losses, parallel
+  from flair_jax import parallel
+  from flair_jax.training import losses
 
   assert jax.device_count() == devices, jax.device_count()
   mesh = parallel.make_mesh()

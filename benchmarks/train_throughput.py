@@ -1,7 +1,7 @@
 """Training throughput and MFU: the flair_jax step against a PyTorch FLAIR step.
 
 In one process, timing blocks of the jitted flair_jax training step
-(``flair_jax.step.make_train_step``) alternate with blocks of a PyTorch
+(``flair_jax.training.step.make_train_step``) alternate with blocks of a PyTorch
 FLAIR-equivalent iteration (``benchmarks/torch_flair_step.py``) on the same
 batches; warm-up steps and compilation are excluded. Reported: images/s of
 each and their ratio; for flair_jax the FLOPs of one step from XLA's cost
@@ -49,8 +49,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import machine_info
-from flair_jax import optim, parallel
-from flair_jax import step as step_lib
+from flair_jax import parallel
+from flair_jax.training import optim, step as step_lib
 from flair_jax.models import FLAIR, BertConfig
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

@@ -31,7 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.datasets = FLAIR_PRETRAINING_DATASETS
   c.data.sampling = 'balanced'  # FLAIR's: dataset uniformly, then an image
   c.data.epoch_length = 0  # 0: the number of pre-training images
-  c.data.knowledge = 'flair_repo'  # expert-knowledge dictionary ('seed', a path, or '')
+  # The run's expert-knowledge dictionary ('flair_repo', 'seed' or a JSON path),
+  # in the training captions and in the zero-shot prompts of eval.domain_knowledge;
+  # '' for none in either.
+  c.data.knowledge = 'flair_repo'
   c.data.worker_count = 0
   c.data.read_threads = 2
 

@@ -15,7 +15,14 @@ import numpy as np
 
 from data_pipelines.knowledge import SKIP_DATASETS
 
-CAPTION_TEMPLATE = 'A [ATR] fundus photograph of [CLS]'
+CAPTION_TEMPLATE = 'A [ATR] fundus photograph of [CLS]'  # pre-training captions
+PROMPT_TEMPLATE = 'A fundus photograph of [CLS]'  # zero-shot prompts, FLAIRModel's caption
+
+
+def fill(template: str, category: str, attribute: str = '') -> str:
+  """``template`` with ``[CLS]`` and ``[ATR]`` replaced, as PyTorch FLAIR does
+  (``str.replace``, then one pass of ``"  " -> " "``)."""
+  return template.replace('[ATR]', attribute).replace('[CLS]', category).replace('  ', ' ')
 
 
 def as_text(value) -> str:
@@ -46,7 +53,7 @@ def naive_caption(rng: np.random.Generator, attributes: Sequence[str], categorie
   """
   attribute = _choice(rng, attributes)
   category = _choice(rng, categories)
-  caption = template.replace('[ATR]', attribute).replace('[CLS]', category).replace('  ', ' ')
+  caption = fill(template, category, attribute)
   return caption, category
 
 

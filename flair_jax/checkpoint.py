@@ -30,7 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines import captions as captions_lib
 from data_pipelines.console import UserError
+from data_pipelines.jsonio import write_json
+from flair_jax import trees
 from flair_jax.models import FLAIR, RESNET50_STAGES, BertConfig
 
 MODEL_ITEM = 'model'
@@ -39,7 +42,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 # Written by orbax last, when every item of a step is complete.
 COMMIT_MARKER = 'commit_success.txt'
 DEFAULT_BERT_TYPE = 'emilyalsentzer/Bio_ClinicalBERT'
-DEFAULT_CAPTION = 'A fundus photograph of [CLS]'
+DEFAULT_CAPTION = captions_lib.PROMPT_TEMPLATE
 
 
 class MismatchError(UserError, ValueError):
@@ -94,15 +97,6 @@ class ModelConfig:
       d['bert'] = BertConfig.from_dict(d.pop('bert_config'))
     return cls(**d)
 
-  def save(self, path: str) -> None:
-    with open(path, 'w') as f:
-      json.dump(self.to_dict(), f, indent=2)
-      f.write('\n')
-
-  @classmethod
-  def load(cls, path: str) -> 'ModelConfig':
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
 
 
 def build_model(config: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None) -> FLAIR:
@@ -145,8 +139,8 @@ def assign_state(module: nnx.Module, state: Mapping) -> None:
     ValueError: naming every path whose presence or shape differs.
   """
   current = nnx.state(module)
-  have = {k: np.shape(v) for k, v in _flat(nnx.to_pure_dict(current)).items()}
-  got = {k: np.shape(v) for k, v in _flat(state).items()}
+  have = {k: np.shape(v) for k, v in trees.flatten(nnx.to_pure_dict(current)).items()}
+  got = {k: np.shape(v) for k, v in trees.flatten(state).items()}
   problems = ([f'missing {k}' for k in have if k not in got]
               + [f'unexpected {k}' for k in got if k not in have]
               + [f'{k} has shape {got[k]}, expected {have[k]}'
@@ -155,16 +149,6 @@ def assign_state(module: nnx.Module, state: Mapping) -> None:
     raise MismatchError(f'state does not fit {type(module).__name__}: ' + '; '.join(problems))
   nnx.replace_by_pure_dict(current, jax.tree.map(jnp.asarray, dict(state)))
   nnx.update(module, current)
-
-
-def _flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f'{prefix}{k}/'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
 
 
 @contextlib.contextmanager
@@ -200,7 +184,7 @@ def write_state(directory: str, state: Mapping, config: ModelConfig) -> None:
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(os.path.abspath(directory), MODEL_ITEM), state)
     ckpt.wait_until_finished()
-  config.save(os.path.join(directory, CONFIG_FILE))
+  save_model_config(config, os.path.join(directory, CONFIG_FILE))
 
 
 def save_state(state: Mapping, config: ModelConfig, directory: str) -> str:
@@ -271,7 +255,7 @@ def load_state(path: str, sharding=None) -> tuple:
   """Restores ``(nested state of jax arrays, ModelConfig)`` from any layout."""
   import orbax.checkpoint as ocp
   item_dir, config_path = resolve_checkpoint(path)
-  config = ModelConfig.load(config_path)
+  config = load_model_config(config_path)
   target = abstract_model_state(config, sharding)
   problems = shape_problems(item_dir, target)
   if problems:
@@ -294,7 +278,7 @@ def shape_problems(item_dir: str, target: Mapping) -> list:
   # The handler reads the item's own metadata (the checkpointer would also
   # look for, and warn about, step metadata that an item folder does not have).
   stored = _stored_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)))
-  want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flat(target).items()}
+  want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in trees.flatten(target).items()}
   return ([f'missing {k}' for k in want if k not in stored]
           + [f'unexpected {k}' for k in stored if k not in want]
           + [f'{k} is {_spec(*stored[k])}, expected {_spec(*want[k])}'
@@ -327,3 +311,14 @@ def load_model(path: str, dtype=jnp.float32) -> tuple:
   assign_state(model, state)
   model.eval()
   return model, config
+
+
+def save_model_config(config: ModelConfig, path: str) -> None:
+  """Writes ``model_config.json`` (atomically)."""
+  write_json(path, config.to_dict())
+
+
+def load_model_config(path: str) -> ModelConfig:
+  """Reads a ``model_config.json``."""
+  with open(path) as f:
+    return ModelConfig.from_dict(json.load(f))

@@ -58,7 +58,7 @@ def _main(argv):
     raise console.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from flair_jax import trainer  # pylint: disable=g-import-not-at-top  # after flags
+  from flair_jax.training import loop as trainer  # pylint: disable=g-import-not-at-top  # after flags
 
   workdir = _WORKDIR.value or os.path.join('runs', _config_name(flags.FLAGS['config'].config_filename))
   summary = trainer.train_and_evaluate(_CONFIG.value, workdir)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import augment as aug
+from flair_jax.training import augment as aug
 
 B, H, W = 5, 11, 13  # odd, unequal sides so a transposed axis cannot pass
 

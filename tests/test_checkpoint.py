@@ -11,9 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from flair_jax import checkpoint
+from flair_jax import checkpoint, trees
 from flair_jax.checkpoint import ModelConfig
-from flair_jax.convert import export_to_torch, table
+from flair_jax.convert import export_to_torch
 from flair_jax.models import BertConfig
 
 CONFIG = ModelConfig(
@@ -37,7 +37,7 @@ def _model(seed):
 
 
 def _assert_equal(a, b):
-  fa, fb = table.flatten(a), table.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert set(fa) == set(fb)
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -77,7 +77,7 @@ def test_model_config_json_round_trips_and_refuses_unknown_keys(model_dir):
 def workdir(tmp_path_factory):
   """A trainer-style workdir: CheckpointManager steps 3 and 12, config on top."""
   wd = tmp_path_factory.mktemp('workdir')
-  CONFIG.save(str(wd / 'model_config.json'))
+  checkpoint.save_model_config(CONFIG, str(wd / 'model_config.json'))
   states = {3: checkpoint.model_state(_model(3)), 12: checkpoint.model_state(_model(12))}
   with ocp.CheckpointManager(str(wd / 'checkpoints')) as mngr:
     for step, state in states.items():
@@ -116,8 +116,8 @@ def test_a_config_inside_the_step_wins(workdir, tmp_path):
   step.mkdir(parents=True)
   os.symlink(wd / 'checkpoints' / '12' / 'model', step / 'model')
   (step / checkpoint.COMMIT_MARKER).write_text('')  # a step orbax finished
-  dataclasses.replace(CONFIG, caption='[CLS]').save(str(step / 'model_config.json'))
-  CONFIG.save(str(tmp_path / 'model_config.json'))
+  checkpoint.save_model_config(dataclasses.replace(CONFIG, caption='[CLS]'), str(step / 'model_config.json'))
+  checkpoint.save_model_config(CONFIG, str(tmp_path / 'model_config.json'))
   _, config = checkpoint.load_state(str(tmp_path))
   assert config.caption == '[CLS]'
 
@@ -150,7 +150,7 @@ def test_a_config_that_does_not_fit_the_state_is_refused(model_dir, tmp_path):
   bad = tmp_path / 'bad'
   bad.mkdir()
   os.symlink(os.path.join(model_dir, 'model'), bad / 'model')
-  dataclasses.replace(CONFIG, proj_dim=8).save(str(bad / 'model_config.json'))
+  checkpoint.save_model_config(dataclasses.replace(CONFIG, proj_dim=8), str(bad / 'model_config.json'))
   with pytest.raises(ValueError, match='does not fit the model') as e:
     checkpoint.load_state(str(bad))
   assert 'text_projection/projection/kernel is float32[12, 7], expected float32[12, 8]' in str(e.value)

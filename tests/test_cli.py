@@ -112,7 +112,7 @@ def test_transformers_without_torch_says_nothing():
     ('absl', 'Variant folder /d/x/1.0.0 has invalid version 1.0.x', True),
     ('transformers', "PyTorch was not found. Models won't be available", False),
     ('transformers', 'Some weights of BertModel were not initialized', True),
-    ('flair_jax.trainer', 'PyTorch was not found. Models ...', True),
+    ('flair_jax.training.loop', 'PyTorch was not found. Models ...', True),
 ])
 def test_quiet_third_party_drops_exactly_the_noise(logger, message, shown):
   console.quiet_third_party()

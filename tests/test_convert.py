@@ -18,7 +18,7 @@ transformers = pytest.importorskip('transformers')
 import huggingface_hub  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from flair_jax import checkpoint  # noqa: E402
+from flair_jax import checkpoint, trees  # noqa: E402
 from flair_jax.checkpoint import ModelConfig  # noqa: E402
 from flair_jax.convert import (KeyMismatchError, from_torch_state, import_from_torch,  # noqa: E402
                                load_hf_bert, load_torchvision_resnet, table, torch_io)
@@ -152,7 +152,7 @@ def _torch_logits(model, images_bhwc, tokens):
 
 def test_full_flair_export_has_exactly_the_pytorch_flair_keys_and_shapes():
   like = checkpoint.abstract_model_state(ModelConfig())  # Bio_ClinicalBERT-shaped
-  ents = table.entries(table.FLAIR, table.flatten(like))
+  ents = table.entries(table.FLAIR, trees.flatten(like))
   got = {e.torch_key: (e.torch_shape, 'int64' if e.layout == table.COUNT else 'float32')
          for e in ents}
   want = {}
@@ -233,7 +233,7 @@ def test_hub_export_loads_with_from_pretrained_offline(export_dir, images_bhwc, 
 
 
 def _assert_state_equal(a, b):
-  fa, fb = table.flatten(a), table.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert set(fa) == set(fb)
   for k in fa:
     assert _exact(fa[k], fb[k]), k
@@ -249,7 +249,7 @@ def test_round_trip_through_torch_is_bitwise(form, export_dir, ckpt_dir, bert_di
   back, back_config = checkpoint.load_state(out)
   orig, _ = checkpoint.load_state(ckpt_dir)
   _assert_state_equal(back, orig)
-  nbt = table.flatten(back)['vision_model/layer1/0/bn2/num_batches_tracked']
+  nbt = trees.flatten(back)['vision_model/layer1/0/bn2/num_batches_tracked']
   assert nbt.dtype == jnp.int32 and int(nbt) == 7
   if form == 'flair.pth':  # a bare state dict: the text tower from the flag, defaults
     want = dataclasses.replace(config, image_size=512)
@@ -308,7 +308,7 @@ def test_bf16_resnet_weights_become_float32(suffix, torchvision_resnet50, tmp):
   else:
     from safetensors.torch import save_file as torch_save_file
     torch_save_file(sd, path)
-  state = table.flatten(load_torchvision_resnet(path))
+  state = trees.flatten(load_torchvision_resnet(path))
   kernel = state['layer2/0/conv2/kernel']
   assert kernel.dtype == np.float32
   want = sd['layer2.0.conv2.weight'].float().numpy().transpose(2, 3, 1, 0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flair_jax import losses
+from flair_jax.training import losses
 
 B, D = 24, 13
 LOGIT_SCALE = math.log(1 / 0.07)  # FLAIR's initial value.

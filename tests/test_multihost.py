@@ -117,7 +117,7 @@ def test_two_processes_evaluate_and_export_on_process_zero(two_processes):
   assert summary['export'] == str(workdir / 'export_torch')
   assert {'config.json', 'model.safetensors', 'text_encoder'} <= set(summary['export_files'])
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top
+  from flair_jax.convert import flair_torch as convert_flair  # pylint: disable=g-import-not-at-top
   from flair_jax import checkpoint  # pylint: disable=g-import-not-at-top
   exported = load_file(str(workdir / 'export_torch' / 'model.safetensors'))
   state, _ = checkpoint.load_state(str(workdir))

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flair_jax import optim
+from flair_jax.training import optim
 
 BASE_LR = 1e-4
 

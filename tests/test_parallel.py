@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flair_jax import losses, parallel
+from flair_jax import parallel
+
+from flair_jax.training import losses
 from tests.conftest import subprocess_env
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flair_jax import optim, parallel
-from flair_jax import step as step_lib
+from flair_jax import parallel
+from flair_jax.training import optim, step as step_lib
 from flair_jax.models import FLAIR, BertConfig
 from tests import torch_flair
 

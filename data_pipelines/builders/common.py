@@ -35,6 +35,7 @@ from etils import epath
 
 from data_pipelines import images
 from data_pipelines.console import UserError
+from data_pipelines.jsonio import write_json
 
 REPORT_NAME = 'build_report.json'
 FAILED_REPORT_NAME = 'build_report.failed.json'
@@ -340,7 +341,7 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     failed = os.path.join(config_dir, FAILED_REPORT_NAME)
     if summary['kept'] == 0 or fraction > limit:
       full = self.report(path=None)
-      _write_json(failed, full)
+      write_json(failed, full)
       print(format_report(full))
       raise BuildError(
           f'{self.name}/{cfg.name} split {report.split!r}: skipped '
@@ -352,7 +353,7 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if os.path.exists(failed):
       os.remove(failed)
     final = os.path.join(config_dir, str(self.version))
-    _write_json(os.path.join(os.fspath(self.data_dir), REPORT_NAME), self.report(final))
+    write_json(os.path.join(os.fspath(self.data_dir), REPORT_NAME), self.report(final))
     print(f'{self.name}/{cfg.name} {report.split}: kept {summary["kept"]} of '
           f'{summary["total"]} ({summary["skipped_fraction"]:.2%} skipped)')
 
@@ -360,15 +361,6 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _work_on(item):
   _, _, (work, payload) = item
   return work(payload)
-
-
-def _write_json(path: str, obj: dict):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=False)
-    f.write('\n')
-  os.replace(tmp, path)
 
 
 def read_report(version_dir: str) -> dict | None:

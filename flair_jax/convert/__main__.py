@@ -12,7 +12,7 @@ import logging
 import sys
 
 from data_pipelines import console
-from flair_jax.convert.flair import FORMATS, export_to_torch, import_from_torch
+from flair_jax.convert.flair_torch import FORMATS, export_to_torch, import_from_torch
 
 
 def parse_args(argv):

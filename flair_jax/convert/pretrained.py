@@ -14,6 +14,7 @@ from typing import Sequence
 
 from flax import nnx
 
+from flair_jax import trees
 from flair_jax.checkpoint import abstract_state
 from flair_jax.convert import table, torch_io
 from flair_jax.models import RESNET50_STAGES, Bert, BertConfig, ResNet
@@ -24,8 +25,8 @@ HEADS_PREFIX = 'cls.'  # BertForPreTraining / BertForMaskedLM heads
 
 def _convert(tbl, module_fn, sd, extras, what):
   like = abstract_state(module_fn)
-  flat = table.from_torch(tbl, table.flatten(like), sd, extras, what)
-  return table.unflatten(flat, like)
+  flat = table.from_torch(tbl, trees.flatten(like), sd, extras, what)
+  return trees.unflatten(flat, like)
 
 
 def load_torchvision_resnet(path: str, stages: Sequence[int] = RESNET50_STAGES,

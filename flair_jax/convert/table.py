@@ -224,23 +224,3 @@ def from_torch(table, abstract: Mapping[str, object], sd: Mapping[str, object],
     out[e.nnx_path] = np.array(a, dtype=e.dtype, order='C')
   return out
 
-
-def flatten(tree: Mapping, prefix: str = '') -> dict:
-  """Nested state dict (``nnx.to_pure_dict`` form) -> ``{'a/b/0/c': leaf}``."""
-  out = {}
-  for k, v in tree.items():
-    path = f'{prefix}{k}'
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path + '/'))
-    else:
-      out[path] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, object], like: Mapping, prefix: str = '') -> dict:
-  """Flat ``{path: leaf}`` -> nested dict shaped (and keyed) like ``like``."""
-  out = {}
-  for k, v in like.items():
-    path = f'{prefix}{k}'
-    out[k] = unflatten(flat, v, path + '/') if isinstance(v, Mapping) else flat[path]
-  return out

@@ -132,12 +132,6 @@ def write_pth(path: str, sd: Mapping[str, np.ndarray]) -> None:
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
 
 
-def write_json(path: str, obj) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2)
-    f.write('\n')
-
-
 def _looks_like_path(name: str) -> bool:
   return (name.startswith(('/', '.', '~')) or '\\' in name or name.count('/') > 1
           or name.endswith('/'))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Mapping
 
 import numpy as np
 
+from data_pipelines import jsonio
 from flair_jax.evaluation.metrics import SCALARS
 
 _LABELS = {'aca': 'ACA (balanced accuracy)', 'kappa': "Cohen's kappa (quadratic)",
@@ -58,9 +58,7 @@ def _jsonable(x):
 
 def write_json(results: Mapping, path: str) -> None:
   """The results as JSON (NaN written as null), without the predictions."""
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(_jsonable({k: v for k, v in results.items() if k != 'predictions'}), f, indent=2)
-    f.write('\n')
+  jsonio.write_json(path, _jsonable({k: v for k, v in results.items() if k != 'predictions'}))
 
 
 def plot_confusion(results: Mapping, path: str) -> None:

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CAPTION = 'A fundus photograph of [CLS]'
+from data_pipelines import captions as captions_lib
+
+CAPTION = captions_lib.PROMPT_TEMPLATE
 UNINFORMATIVE_NAMES = ('myopic maculopathy',)  # MMAC's grade names.
 
 

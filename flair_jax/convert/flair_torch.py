@@ -20,7 +20,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 from data_pipelines.console import UserError
-from flair_jax import checkpoint
+from data_pipelines.jsonio import write_json
+from flair_jax import checkpoint, trees
 from flair_jax.checkpoint import DEFAULT_BERT_TYPE, ModelConfig
 from flair_jax.convert import table, torch_io
 from flair_jax.convert.pretrained import read_bert_config
@@ -53,7 +54,7 @@ def hub_config(config: ModelConfig, bert_type: str) -> dict:
 
 def to_torch_state(state: Mapping) -> dict:
   """Nested flair_jax model state -> PyTorch FLAIR state dict (NumPy)."""
-  flat = {k: np.asarray(v) for k, v in table.flatten(state).items()}
+  flat = {k: np.asarray(v) for k, v in trees.flatten(state).items()}
   return table.to_torch(table.FLAIR, flat)
 
 
@@ -64,8 +65,8 @@ def from_torch_state(sd: Mapping, config: ModelConfig, what: str = 'FLAIR state 
     table.KeyMismatchError: naming every missing, unexpected, mis-shaped key.
   """
   like = checkpoint.abstract_model_state(config)
-  flat = table.from_torch(table.FLAIR, table.flatten(like), sd, table.FLAIR_EXTRAS, what)
-  return table.unflatten(flat, like)
+  flat = table.from_torch(table.FLAIR, trees.flatten(like), sd, table.FLAIR_EXTRAS, what)
+  return trees.unflatten(flat, like)
 
 
 def _resnet_stages(sd) -> tuple:
@@ -242,14 +243,14 @@ def export_state(state: Mapping, config: ModelConfig, out: str, fmt: str = 'hf',
   with checkpoint.atomic_directory(out) as tmp:
     if fmt in ('hf', 'both'):
       torch_io.write_safetensors(os.path.join(tmp, torch_io.SAFETENSORS), sd)
-      torch_io.write_json(os.path.join(tmp, HUB_CONFIG), hub_config(config, bert_type))
+      write_json(os.path.join(tmp, HUB_CONFIG), hub_config(config, bert_type))
     if with_pth:
       torch_io.write_pth(os.path.join(tmp, PTH_FILE), sd)
     if bundle_text_encoder:
       text_dir = os.path.join(tmp, TEXT_ENCODER)
       os.mkdir(text_dir)
       torch_io.copy_tokenizer(text_src, text_dir)
-      torch_io.write_json(os.path.join(text_dir, 'config.json'), bert_json)
+      write_json(os.path.join(text_dir, 'config.json'), bert_json)
       torch_io.write_safetensors(
           os.path.join(text_dir, torch_io.SAFETENSORS),
           {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)})

@@ -33,8 +33,11 @@ from tqdm import tqdm
 
 from data_pipelines import pipeline
 from data_pipelines.console import UserError
-from flair_jax import checkpoint, parallel, train_log, train_setup
-from flair_jax import step as step_lib
+from data_pipelines.jsonio import write_json
+from flair_jax import checkpoint, parallel, trees
+from flair_jax.evaluation.during_training import ZeroShotDuringTraining
+from flair_jax.training import metrics_log, setup as train_setup
+from flair_jax.training import step as step_lib
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +55,6 @@ class ProcessZeroError(UserError, RuntimeError):
 
 class CheckpointError(UserError, RuntimeError):
   """The workdir's checkpoints cannot be resumed from."""
-
-
-def _merge_dicts(a: dict, b: dict) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _merge_dicts(out[k], v) if isinstance(v, dict) and k in out else v
-  return out
-
-
-def _select(tree: dict, like: dict) -> dict:
-  """The part of nested dict ``tree`` whose keys appear in ``like``."""
-  return {k: _select(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
 
 
 def _abstract(tree):
@@ -91,7 +82,7 @@ class Checkpoints:
 
   def save(self, state: step_lib.TrainState, data_iter, config_json: dict) -> None:
     step = int(parallel.to_host(state.step))
-    model = _merge_dicts(nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
+    model = trees.merge(nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
     self.manager.save(step, args=ocp.args.Composite(
         **{checkpoint.MODEL_ITEM: ocp.args.StandardSave(model)},
         opt_state=ocp.args.StandardSave(state.opt_state),
@@ -164,7 +155,7 @@ class Checkpoints:
 
   def _restore_step(self, step: int, state: step_lib.TrainState, data_iter):
     params, stats = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats)
-    target = _abstract(_merge_dicts(params, stats))
+    target = _abstract(trees.merge(params, stats))
     item_dir = os.path.join(self.directory, str(step), checkpoint.MODEL_ITEM)
     problems = checkpoint.shape_problems(item_dir, target)
     if problems:
@@ -179,8 +170,8 @@ class Checkpoints:
         meta=ocp.args.JsonRestore(),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     new_params, new_stats = state.params, state.batch_stats
-    nnx.replace_by_pure_dict(new_params, _select(restored[checkpoint.MODEL_ITEM], params))
-    nnx.replace_by_pure_dict(new_stats, _select(restored[checkpoint.MODEL_ITEM], stats))
+    nnx.replace_by_pure_dict(new_params, trees.select(restored[checkpoint.MODEL_ITEM], params))
+    nnx.replace_by_pure_dict(new_stats, trees.select(restored[checkpoint.MODEL_ITEM], stats))
     self.restored_config = restored['meta'].get('config', {})
     return step_lib.TrainState(step=jnp.asarray(restored['meta']['step'], jnp.int32),
                                params=new_params, batch_stats=new_stats,
@@ -258,60 +249,10 @@ def _config_drift(saved: dict, current: dict, prefix: str = '') -> list:
   return out
 
 
-def eval_sets(cfg, data_path: str) -> dict:
-  """``{key: DownstreamSet}`` of the configured zero-shot sets, resolved
-  before training so that a wrong path fails at once, not after hours."""
-  from flair_jax.evaluation import data as eval_data  # pylint: disable=g-import-not-at-top
-  sets = {}
-  for name in cfg.eval.sets:
-    if name == 'synthetic':
-      if cfg.data.name != train_setup.SYNTHETIC:
-        raise train_setup.ConfigError(
-            "eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
-            f'{cfg.data.name!r} name built fundus_classification folders')
-      sets['synthetic'] = eval_data.from_pretraining_split(data_path, 'test')
-    else:
-      sets[os.path.basename(name.rstrip('/'))] = eval_data.from_tfds(name)
-  return sets
-
-
-def evaluate(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
-  """Zero-shot balanced accuracy (and friends) on the configured sets.
-
-  Runs on this process's devices alone: call it on one process.
-  """
-  from flair_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
-  from flair_jax.inference import FLAIRModel  # pylint: disable=g-import-not-at-top
-
-  model = nnx.merge(graphdef, parallel.to_host(state.params), parallel.to_host(state.batch_stats))
-  flair = FLAIRModel(model, tokenizer, image_size=mc.image_size, caption=mc.caption)
-  results = {}
-  for key, data in sets.items():
-    experiment = eval_run.Experiment(method='zero-shot', domain_knowledge=cfg.eval.domain_knowledge,
-                                     knowledge=cfg.data.knowledge or 'flair_repo',
-                                     batch_size=cfg.eval.batch_size)
-    out = eval_run.run(flair, data, experiment, progress=False)
-    summary = out['summary']
-    for metric in ('aca', 'kappa', 'f1_avg', 'auc_avg'):
-      if metric in summary:
-        value = summary[metric]
-        results[f'zero_shot/{key}/{metric}'] = float(value['mean'] if isinstance(value, dict)
-                                                     else value)
-  return results
-
-
-def _final_evaluation(cfg, graphdef, state, tokenizer, mc, sets: dict) -> dict:
-  try:
-    return evaluate(cfg, graphdef, state, tokenizer, mc, sets)
-  except Exception:  # pylint: disable=broad-except  # keep the export and plots
-    logger.exception('final evaluation failed; the checkpoints are complete')
-    return {}
-
-
 def _export(workdir: str, state: step_lib.TrainState, mc) -> dict:
   """The PyTorch FLAIR folder of the final state, from memory."""
-  from flair_jax.convert import flair as convert_flair  # pylint: disable=g-import-not-at-top
-  model_state = _merge_dicts(nnx.to_pure_dict(parallel.to_host(state.params)),
+  from flair_jax.convert import flair_torch as convert_flair  # pylint: disable=g-import-not-at-top
+  model_state = trees.merge(nnx.to_pure_dict(parallel.to_host(state.params)),
                              nnx.to_pure_dict(parallel.to_host(state.batch_stats)))
   out = os.path.join(workdir, EXPORT_DIR)
   shutil.rmtree(out, ignore_errors=True)
@@ -399,8 +340,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                         compute_dtype=dtype)
   config_json = cfg.to_dict()
   if is_main:
-    mc.save(os.path.join(workdir, checkpoint.CONFIG_FILE))
-    train_setup.write_json(os.path.join(workdir, 'config.json'), config_json)
+    checkpoint.save_model_config(mc, os.path.join(workdir, checkpoint.CONFIG_FILE))
+    write_json(os.path.join(workdir, 'config.json'), config_json, sort_keys=True)
 
   # Resume from the workdir first.
   ckpts = Checkpoints(workdir, cfg.checkpoint.keep)
@@ -418,8 +359,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                      '; '.join(drift))
   first_step = int(parallel.to_host(state.step))
   if is_main:
-    train_log.truncate_metrics(workdir, first_step)
-  writer = train_log.MetricsWriter(workdir, enabled=is_main)
+    metrics_log.truncate_metrics(workdir, first_step)
+  writer = metrics_log.MetricsWriter(workdir, enabled=is_main)
   every_ckpt = cfg.checkpoint.every_steps or steps_per_epoch
   key = parallel.replicated_value(lambda: jax.random.key(cfg.seed), mesh)
 
@@ -427,7 +368,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     local = next(data_iter)
     return parallel.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
 
-  sets = eval_sets(cfg, data_path)
+  zero_shot = ZeroShotDuringTraining(
+      train_setup.eval_sets(cfg, data_path), graphdef=graphdef, tokenizer=tokenizer,
+      model_config=mc, knowledge=cfg.data.knowledge, batch_size=cfg.eval.batch_size,
+      domain_knowledge=cfg.eval.domain_knowledge and bool(cfg.data.knowledge))
   summary = {'workdir': workdir, 'data': data_path, 'steps_per_epoch': steps_per_epoch,
              'total_steps': total_steps, 'first_step': first_step}
   results = {}
@@ -438,8 +382,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if batch is not None:
       t0 = time.time()
       compiled = train_step.lower(state, batch, key).compile()
-      flops = train_log.step_flops(compiled)
-      peak = train_log.peak_flops()
+      flops = metrics_log.step_flops(compiled)
+      peak = metrics_log.peak_flops()
       logger.info('step compiled in %.1f s; %s FLOPs per step', time.time() - t0,
                   f'{flops:.3g}' if flops else 'unknown')
     pending, history = [], []
@@ -473,7 +417,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         if at_log:
           flush()
           dt = time.time() - t_interval
-          scalars = {f'train/{k}': v for k, v in train_log.interval_summary(history).items()}
+          scalars = {f'train/{k}': v for k, v in metrics_log.interval_summary(history).items()}
           ips = n_interval * cfg.train.batch_size / max(dt, 1e-9)
           scalars['train/images_per_sec'] = ips
           scalars['train/epoch'] = done / steps_per_epoch
@@ -500,7 +444,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           return summary
         if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < total_steps:
           ckpts.wait()
-          results = _on_main(lambda: evaluate(cfg, graphdef, state, tokenizer, mc, sets),
+          results = _on_main(lambda: zero_shot(state.params, state.batch_stats),
                              f'eval at step {done}')
           if is_main:
             writer.write(done, results)
@@ -510,8 +454,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.close()
     ckpts.wait()
     final_step = int(parallel.to_host(state.step))
-    if sets:
-      results = _on_main(lambda: _final_evaluation(cfg, graphdef, state, tokenizer, mc, sets),
+    if zero_shot:
+      results = _on_main(lambda: zero_shot.final(state.params, state.batch_stats),
                          'final eval') or {}
       if is_main and results:
         writer.write(final_step, results)
@@ -520,7 +464,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if cfg.export_torch:
       summary.update(_on_main(lambda: _export(workdir, state, mc), 'export') or {})
     if is_main and cfg.plots:
-      summary['plots'] = train_log.plot(workdir)
+      summary['plots'] = metrics_log.plot(workdir)
   finally:
     if progress is not None:
       progress.close()  # before any error message: the bar's last line is drawn now

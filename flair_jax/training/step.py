@@ -20,8 +20,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from data_pipelines import augment as augment_lib
-from flair_jax import losses, parallel
+from flair_jax import parallel
+from flair_jax.training import augment as augment_lib, losses
 from flair_jax.models import LOGIT_SCALE_MAX
 
 # Batch keys the step reads, with their per-example shapes.
@@ -124,7 +124,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, *,
 
   Args:
     graphdef: from :func:`create_train_state`.
-    tx: the optimiser (e.g. ``flair_jax.optim.make_optimizer``).
+    tx: the optimiser (e.g. ``flair_jax.training.optim.make_optimizer``).
     mesh: the device mesh; the batch is split over its ``'data'`` axis.
     schedule: ``step -> lr``, only to report the learning rate.
     options: augmentation, dropout, rematerialisation.

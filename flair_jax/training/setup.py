@@ -4,7 +4,6 @@ tokenizer, the model (initialised, born sharded), the optimiser and schedule.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,8 @@ from data_pipelines import categories as categories_lib
 from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.console import UserError
-from flair_jax import checkpoint, optim
+from flair_jax import checkpoint
+from flair_jax.training import optim
 from flair_jax.convert import pretrained
 from flair_jax.models import BertConfig
 
@@ -86,11 +86,11 @@ def _vocabulary_texts(sources, knowledge: Optional[str]):
       record = source[i]
       attributes.update(captions_lib.as_texts(record['attributes']))
       cats.update(captions_lib.as_texts(record['categories']))
-  texts = [f'A {a} fundus photograph of {c}' for a in sorted(attributes | {''})
-           for c in sorted(cats)]
+  texts = [captions_lib.fill(captions_lib.CAPTION_TEMPLATE, c, a)
+           for a in sorted(attributes | {''}) for c in sorted(cats)]
   for name in ('flair_repo', 'seed') + ((knowledge,) if knowledge else ()):
     for descriptions in knowledge_lib.load_knowledge(name).values():
-      texts.extend(f'A fundus photograph of {d}' for d in descriptions)
+      texts.extend(captions_lib.fill(captions_lib.PROMPT_TEMPLATE, d) for d in descriptions)
   return texts
 
 
@@ -186,8 +186,18 @@ def make_optimizer(cfg: ml_collections.ConfigDict, schedule):
       trainable_mask=(lambda p: optim.trainable_mask(p, frozen)) if frozen else None)
 
 
-def write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+def eval_sets(cfg, data_path: str) -> dict:
+  """``{key: DownstreamSet}`` of the configured zero-shot sets, resolved
+  before training so that a wrong path fails at once, not after hours."""
+  from flair_jax.evaluation import data as eval_data  # pylint: disable=g-import-not-at-top
+  sets = {}
+  for name in cfg.eval.sets:
+    if name == 'synthetic':
+      if cfg.data.name != SYNTHETIC:
+        raise ConfigError(
+            "eval set 'synthetic' needs data.name 'fundus_synthetic'; for "
+            f'{cfg.data.name!r} name built fundus_classification folders')
+      sets['synthetic'] = eval_data.from_pretraining_split(data_path, 'test')
+    else:
+      sets[os.path.basename(name.rstrip('/'))] = eval_data.from_tfds(name)
+  return sets

@@ -1,0 +1,1 @@
+"""Pre-training: set-up, the jitted step, the loop, checkpoints and logs."""
