@@ -20,7 +20,7 @@ import os
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import BUILDERS
-from data_pipelines.builders import common
+from data_pipelines.builders import report as report_lib
 
 
 def _lookup(name: str):
@@ -57,7 +57,7 @@ def build(name: str, data_dir: str | os.PathLike, *, config_name: str | None = N
   """Builds dataset ``name`` under ``data_dir`` unless built; returns its report.
 
   Raises:
-    common.BuildError: more than ``max_skipped_fraction`` examples were bad
+    builders.BuildError: more than ``max_skipped_fraction`` examples were bad
       (the failed report is written next to the version folder).
   """
   builder_cls = _lookup(name)[0]
@@ -67,17 +67,17 @@ def build(name: str, data_dir: str | os.PathLike, *, config_name: str | None = N
   if not reused:
     builder.download_and_prepare()
   path = os.fspath(builder.data_path)
-  report = common.read_report(path)
+  report = report_lib.read_report(path)
   if report is None:  # Built by other means (e.g. an older version): counts only.
     splits = {s: {'total': i.num_examples, 'kept': i.num_examples, 'skipped': 0,
                   'skipped_fraction': 0.0, 'seconds': 0.0, 'reasons': {}}
               for s, i in builder.info.splits.items()}
-    report = common.summarise(splits, builder=name, config=cfg.name,
+    report = report_lib.summarise(splits, builder=name, config=cfg.name,
                               version=str(builder.version), path=path)
   report.update(reused=reused, path=path, data_dir=os.fspath(data_dir),
                 tfds_name=f'{name}/{cfg.name}:{builder.version}')
   if verbose:
-    print(common.format_report(report))
+    print(report_lib.format_report(report))
   return report
 
 

@@ -57,8 +57,8 @@ def _option_parser(name: str) -> console.ArgumentParser:
                       help='TFDS data folder to build into')
   parser.add_argument('--config_name', default=None,
                       help='folder name of this build (default: from the options)')
-  parser.add_argument('--json', action='store_true', help='print the full report as JSON')
-  parser.add_argument('--quiet', action='store_true', help='no progress bars')
+  console.add_bool_flag(parser, '--json', help='print the full report as JSON')
+  console.add_bool_flag(parser, '--quiet', help='no progress bars')
   console.add_verbose_flag(parser)
   helps = _field_help(BUILDERS[name][1])
   for field, default in build_lib.options(name).items():
@@ -67,8 +67,9 @@ def _option_parser(name: str) -> console.ArgumentParser:
     kwargs = {'dest': field, 'default': argparse.SUPPRESS,
               'help': f'{text} (default: {default!r})' if text else f'default: {default!r}'}
     if isinstance(default, bool):
-      kwargs['action'] = argparse.BooleanOptionalAction
-    elif isinstance(default, tuple):
+      console.add_bool_flag(parser, *flags, **kwargs)
+      continue
+    if isinstance(default, tuple):
       kwargs['nargs'] = '*'
     elif isinstance(default, (int, float)):
       kwargs['type'] = type(default)

@@ -14,7 +14,8 @@ runs ``command(argv)`` and turns what it raises into an exit status:
 * Ctrl-C: one line, exit 130.
 
 Flag errors (:class:`ArgumentParser`, :func:`usage_error`) are one line and
-exit 2 too.
+exit 2 too. Every bool flag is made by :func:`add_bool_flag`, so all of them
+take the same forms (``--x``, ``--x=false``, ``--no-x``, absl's ``--nox``).
 """
 
 from __future__ import annotations
@@ -76,35 +77,111 @@ def usage_error(message: str) -> NoReturn:
   sys.exit(EXIT_USER_ERROR)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Descriptions as written; a bool flag shown as ``--x [BOOL], --no-x``."""
+
+  def _format_action_invocation(self, action: argparse.Action) -> str:
+    if isinstance(action, _BoolFlag):
+      return ', '.join([f'{name} [BOOL]' for name in action.positive] + action.shown_negative)
+    return super()._format_action_invocation(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """An ``argparse.ArgumentParser`` whose usage errors are one line, exit 2."""
+
+  def __init__(self, *args, **kwargs):
+    kwargs.setdefault('formatter_class', HelpFormatter)
+    super().__init__(*args, **kwargs)
 
   def error(self, message: str) -> NoReturn:
     usage_error(f'{message} (see {self.prog} --help)')
 
 
+# The words a bool flag's value may be, in any case (absl's and argparse's
+# usual spellings both).
+_TRUE = ('1', 'true', 't', 'yes', 'y', 'on')
+_FALSE = ('0', 'false', 'f', 'no', 'n', 'off')
+
+
+def parse_bool(text: str) -> bool:
+  """``'true'``/``'false'`` and their usual spellings (see ``_TRUE``, ``_FALSE``)."""
+  word = text.strip().lower()
+  if word in _TRUE:
+    return True
+  if word in _FALSE:
+    return False
+  raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
+
+
+class _BoolFlag(argparse.Action):
+  """A bool flag ``--x``: ``--x`` and ``--x=BOOL`` / ``--x BOOL`` set it,
+  ``--no-x`` and absl's ``--nox`` clear it."""
+
+  def __init__(self, option_strings, dest, default=False, required=False, help=None):  # pylint: disable=redefined-builtin
+    names = [s[2:] for s in option_strings if s.startswith('--')]
+    self.positive = list(option_strings)
+    self.shown_negative = [f'--no-{name}' for name in names]
+    self.negative = self.shown_negative + [f'--no{name}' for name in names]
+    super().__init__(self.positive + self.negative, dest, nargs='?', const=None,
+                     default=default, required=required, help=help, metavar='BOOL')
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    # Parsed here rather than by ``type`` so that an error names the one
+    # spelling typed, not all six.
+    if option_string in self.negative:
+      if values is not None:
+        parser.error(f'argument {option_string}: takes no value')
+      value = False
+    else:
+      try:
+        value = True if values is None else parse_bool(values)
+      except argparse.ArgumentTypeError as e:
+        parser.error(f'argument {option_string}: {e}')
+    setattr(namespace, self.dest, value)
+
+
+def add_bool_flag(parser: argparse.ArgumentParser, *names: str, default=False,
+                  help: str = '', **kwargs) -> argparse.Action:  # pylint: disable=redefined-builtin
+  """Adds a bool flag (``--x``, ``--x=BOOL``, ``--x BOOL``, ``--no-x``, ``--nox``).
+
+  Args:
+    parser: the parser to add it to.
+    *names: its option strings, e.g. ``'--crop-foreground'``.
+    default: its value when absent (``argparse.SUPPRESS``: no attribute).
+    help: its help text.
+    **kwargs: more ``add_argument`` keywords (``dest``, ``required``).
+  Returns:
+    The action.
+  """
+  return parser.add_argument(*names, action=_BoolFlag, default=default, help=help, **kwargs)
+
+
+VERBOSE = '--verbose'
+
+
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
   """Adds ``--verbose``, the switch :func:`run` reads."""
-  parser.add_argument('--verbose', action='store_true',
-                      help='show the traceback of an expected error too')
+  add_bool_flag(parser, VERBOSE, help='show the traceback of an expected error too')
 
 
 def wants_traceback(argv: Sequence[str]) -> bool:
   """Whether ``argv`` turns ``--verbose`` on (its last say before ``--``).
 
-  Read from the raw arguments so that it holds wherever the command fails.
-  Knows argparse's ``--verbose`` and absl's ``--[no]verbose[=bool]``.
+  Read from the raw arguments so that it holds wherever the command fails;
+  knows every form :func:`add_bool_flag` accepts.
   """
   argv = list(argv)
   argv = argv[:argv.index('--')] if '--' in argv else argv
   verbose = False
-  for arg in argv:
-    if arg == '--verbose':
-      verbose = True
-    elif arg == '--noverbose':
+  for i, arg in enumerate(argv):
+    name, has_value, value = arg.partition('=')
+    if name == VERBOSE:
+      if not has_value:  # '--verbose' alone, or with its value as the next word
+        following = argv[i + 1].lower() if i + 1 < len(argv) else ''
+        value = following if following in _TRUE + _FALSE else 'true'
+      verbose = value.lower() in _TRUE
+    elif arg in (f'--no-{VERBOSE[2:]}', f'--no{VERBOSE[2:]}'):
       verbose = False
-    elif arg.startswith('--verbose='):
-      verbose = arg.split('=', 1)[1].lower() in ('1', 'true', 't', 'yes', 'y')
   return verbose
 
 

@@ -24,14 +24,6 @@ from flair_jax.evaluation import data, report, run
 from flair_jax.inference import FLAIRModel
 
 
-def _bool(text: str) -> bool:
-  if text.lower() in ('1', 'true', 'yes', 'on'):
-    return True
-  if text.lower() in ('0', 'false', 'no', 'off'):
-    return False
-  raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = console.ArgumentParser(prog='python -m flair_jax.evaluate',
                              description=__doc__.splitlines()[0])
@@ -43,10 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--split', default='test', help='TFDS split to evaluate on')
   p.add_argument('--data-dir', help='TFDS data dir when --data is a dataset name')
   p.add_argument('--data-root', help='image root of a CSV')
-  p.add_argument('--targets', help='class names in label order ("a,b,c") or a JSON target map; '
-                 'required for a CSV, default for TFDS: the label names')
-  p.add_argument('--domain-knowledge', type=_bool, default=True,
-                 help='prompt with expert descriptions (zero-shot, adapters)')
+  p.add_argument('--targets', help='class names in label order ("a,b,c") or a target map '
+                 '(JSON text or file); required for a CSV, default for TFDS: the label names')
+  console.add_bool_flag(p, '--domain-knowledge', default=True,
+                        help='prompt with expert descriptions (zero-shot, adapters)')
   p.add_argument('--knowledge', default='flair_repo',
                  help="expert dictionary: 'flair_repo', 'seed' or a JSON file")
   p.add_argument('--folds', type=int, help='default: 1 for zero-shot, 5 otherwise')
@@ -56,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=0, help='fold k splits with seed + k')
   p.add_argument('--batch-size', type=int, default=32)
   p.add_argument('--image-size', type=int, help="default: the checkpoint's")
-  p.add_argument('--crop-foreground', type=_bool, default=False,
-                 help="FLAIR's field-of-view crop before resizing")
+  console.add_bool_flag(p, '--crop-foreground',
+                        help="FLAIR's field-of-view crop before resizing")
   p.add_argument('--tokenizer', help="tokenizer folder or hub id (default: the checkpoint's)")
   p.add_argument('--bert-type', help='text tower folder or hub id of a PyTorch FLAIR .pth '
                  "(default: its config.json's, else Bio_ClinicalBERT)")

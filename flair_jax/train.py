@@ -22,10 +22,22 @@ from ml_collections import config_flags
 from data_pipelines import console
 
 _DEMO = str(importlib.resources.files('configs') / 'demo.py')
+# The config flags are absl's (ml_collections reads ``--config FILE:variant``
+# and ``--config.KEY=VALUE`` overrides); the others parse as in every CLI.
 _CONFIG = config_flags.DEFINE_config_file('config', _DEMO, 'Training config file[:variant].',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (default: runs/<config name>).')
-flags.DEFINE_bool('verbose', False, 'Show the traceback of an expected error too.')
+_CONFIG_HELP = """config flags:
+  --config FILE[:variant]  training config file (default: configs/demo.py)
+  --config.KEY=VALUE       override one config key, e.g. --config.train.batch_size=256"""
+
+
+def _parser() -> console.ArgumentParser:
+  # No abbreviations: a prefix such as --config.* must reach absl whole.
+  parser = console.ArgumentParser(prog='python -m flair_jax.train', description=__doc__,
+                                  epilog=_CONFIG_HELP, allow_abbrev=False)
+  parser.add_argument('--workdir', help='run folder (default: runs/<config name>)')
+  console.add_verbose_flag(parser)
+  return parser
 
 
 def _config_name(path: str) -> str:
@@ -53,14 +65,14 @@ def _parse_flags(argv):
   return rest
 
 
-def _main(argv):
+def _main(argv, workdir):
   if len(argv) > 1:
     raise console.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   from flair_jax.training import loop as trainer  # pylint: disable=g-import-not-at-top  # after flags
 
-  workdir = _WORKDIR.value or os.path.join('runs', _config_name(flags.FLAGS['config'].config_filename))
+  workdir = workdir or os.path.join('runs', _config_name(flags.FLAGS['config'].config_filename))
   summary = trainer.train_and_evaluate(_CONFIG.value, workdir)
   print(json.dumps(summary, indent=2, default=str))
   _print_where(summary)
@@ -86,9 +98,16 @@ def _print_where(summary):
   print('\n'.join(lines))
 
 
+def _command(argv):
+  """Our flags first; the rest (the config flags) goes to absl."""
+  args, config_argv = _parser().parse_known_args(argv)
+  return app.run(lambda rest: _main(rest, args.workdir), [sys.argv[0], *config_argv],
+                 _parse_flags)
+
+
 def main(argv=None) -> int:
   """``python -m flair_jax.train`` with ``argv`` (default ``sys.argv[1:]``)."""
-  return console.run(lambda rest: app.run(_main, [sys.argv[0], *rest], _parse_flags), argv)
+  return console.run(_command, argv)
 
 
 if __name__ == '__main__':

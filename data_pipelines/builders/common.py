@@ -1,5 +1,6 @@
-"""What the fundus builders share: the example schema, the bad-input report,
-FLAIR dataframe parsing, safe paths, config names and the base builder.
+"""What the fundus builders share: the example schema, safe paths, config
+names, the shared image options and the base builder (the build report is
+in ``report``, dataframe rows in ``data_pipelines.dataframes``).
 
 Every builder writes the same features so the pipeline reads them alike:
 
@@ -16,41 +17,30 @@ Every builder writes the same features so the pipeline reads them alike:
 
 from __future__ import annotations
 
-import ast
 import collections
 import concurrent.futures
-import csv
 import dataclasses
 import hashlib
 import inspect
 import json
 import multiprocessing
 import os
+import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines import images
+from data_pipelines.builders.report import FAILED_REPORT_NAME, REPORT_NAME
+from data_pipelines.builders.report import SplitReport, format_report, summarise
 from data_pipelines.console import UserError
+from data_pipelines.dataframes import Skip
 from data_pipelines.jsonio import write_json
 
-REPORT_NAME = 'build_report.json'
-FAILED_REPORT_NAME = 'build_report.failed.json'
 DEFAULT_MAX_SKIPPED_FRACTION = 0.05
-_MAX_LISTED = 5  # Paths listed per reason in a report.
-_MAX_CELL = 10_000  # Characters; longer list cells are refused unparsed.
-
-
-class Skip(Exception):
-  """An example left out of the dataset, counted under ``reason``."""
-
-  def __init__(self, reason: str, detail: str = ''):
-    super().__init__(f'{reason}: {detail}')
-    self.reason, self.detail = reason, detail
-
 
 class BuildError(UserError, RuntimeError):
   """A build that skipped more than its allowed fraction of examples."""
@@ -69,107 +59,6 @@ def features(image_format: str, **extra) -> tfds.features.FeaturesDict:
       'path': text,
       **extra,
   })
-
-
-class SplitReport:
-  """Counts of kept and skipped examples of one split, by reason."""
-
-  def __init__(self, split: str):
-    self.split = split
-    self.kept = 0
-    self.reasons = collections.OrderedDict()
-    self.unknown_categories = collections.Counter()
-    self.start = time.perf_counter()
-    self.seconds = 0.0
-
-  def skip(self, where: str, error: Skip):
-    entry = self.reasons.setdefault(error.reason, {'count': 0, 'paths': [], 'details': []})
-    entry['count'] += 1
-    if len(entry['paths']) < _MAX_LISTED:
-      entry['paths'].append(where)
-      entry['details'].append(error.detail)
-
-  @property
-  def skipped(self) -> int:
-    return sum(e['count'] for e in self.reasons.values())
-
-  def as_dict(self) -> dict:
-    total = self.kept + self.skipped
-    return {'total': total, 'kept': self.kept, 'skipped': self.skipped,
-            'skipped_fraction': self.skipped / total if total else 0.0,
-            'seconds': round(self.seconds, 3),
-            'seconds_per_image': round(self.seconds / total, 5) if total else None,
-            'reasons': dict(self.reasons),
-            'unknown_categories': dict(self.unknown_categories.most_common(20))}
-
-
-def summarise(splits: dict, **header) -> dict:
-  """The whole report: header fields, totals over splits, and the splits."""
-  total = sum(s['total'] for s in splits.values())
-  skipped = sum(s['skipped'] for s in splits.values())
-  seconds = sum(s['seconds'] for s in splits.values())
-  return {**header, 'total': total, 'kept': total - skipped, 'skipped': skipped,
-          'skipped_fraction': skipped / total if total else 0.0,
-          'seconds': round(seconds, 3),
-          'seconds_per_image': round(seconds / total, 5) if total else None,
-          'splits': splits}
-
-
-def format_report(report: dict) -> str:
-  """A few human lines: totals, then each skip reason with its first paths."""
-  lines = [f"{report.get('builder')}/{report.get('config')}: kept "
-           f"{report['kept']} of {report['total']} "
-           f"(skipped {report['skipped']}, {report['skipped_fraction']:.2%}; "
-           f"allowed {report.get('max_skipped_fraction', 0):.2%}) in "
-           f"{report['seconds']:.1f} s"]
-  for split, s in report['splits'].items():
-    lines.append(f'  {split}: kept {s["kept"]} of {s["total"]}')
-    for reason, e in s['reasons'].items():
-      lines.append(f'    {reason}: {e["count"]}  e.g. {", ".join(e["paths"][:3])}')
-  if report.get('path'):
-    lines.append(f"  report: {os.path.join(report['path'], REPORT_NAME)}")
-  return '\n'.join(lines)
-
-
-def parse_list(cell: Any, column: str) -> list[str]:
-  """A dataframe list cell ("['a', 'b']") -> list of str, with literal_eval."""
-  if not isinstance(cell, str) or len(cell) > _MAX_CELL:
-    raise Skip('malformed_list', f'{column}: not a list literal')
-  try:
-    value = ast.literal_eval(cell.strip())
-  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-    raise Skip('malformed_list', f'{column}: {cell[:80]!r} is not a list literal') from None
-  if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-    raise Skip('malformed_list', f'{column}: {cell[:80]!r} is not a list of strings')
-  return list(value)
-
-
-def read_dataframe(path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-  """Rows of a FLAIR dataframe CSV as (where, row) or (where, Skip).
-
-  ``where`` is 'file.csv:line'. A row with missing or extra fields, or one
-  the csv module cannot read, is a Skip('malformed_row').
-  """
-  name = os.path.basename(path)
-  with open(path, newline='', encoding='utf-8', errors='surrogateescape') as f:
-    reader = csv.DictReader(f)
-    missing = [c for c in columns if c not in (reader.fieldnames or [])]
-    if missing:
-      raise ValueError(f'{path}: columns {missing} missing; a FLAIR dataframe has '
-                       f'columns {list(columns)} (found {reader.fieldnames})')
-    while True:
-      try:
-        row = next(reader)
-      except StopIteration:
-        return
-      except csv.Error as e:
-        yield f'{name}:{reader.line_num}', Skip('malformed_row', str(e))
-        continue
-      where = f'{name}:{reader.line_num}'
-      if None in row or any(row.get(c) is None for c in columns):
-        yield where, Skip('malformed_row', 'wrong number of fields')
-      else:
-        yield where, row
 
 
 def safe_path(root_real: str, relative: str) -> str:
@@ -263,6 +152,10 @@ class ImageOptions(tfds.core.BuilderConfig):
       raise ValueError(f'max_skipped_fraction {self.max_skipped_fraction}; '
                        'expected a fraction in [0, 1]')
 
+  def format_tag(self) -> str:
+    """The image format as config names write it: 'png' or 'jpeg<quality>'."""
+    return 'png' if self.image_format == 'png' else f'jpeg{self.jpeg_quality}'
+
 
 class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base builder: array_record files, one report per build, skip counting."""
@@ -290,11 +183,26 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls):
     return epath.Path(inspect.getfile(cls))
 
-  def _make_info(self, description: str, **extra) -> tfds.core.DatasetInfo:
+  def _info(self) -> tfds.core.DatasetInfo:
+    # A builder's description is its module's docstring.
     return tfds.core.DatasetInfo(
-        builder=self, description=description,
-        features=features(self.builder_config.image_format, **extra),
+        builder=self, description=sys.modules[type(self).__module__].__doc__,
+        features=features(self.builder_config.image_format, **self._extra_features()),
         homepage='https://github.com/jusiro/FLAIR')
+
+  def _extra_features(self) -> dict:
+    """Features this builder adds to the shared schema."""
+    return {}
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the sources are local or drawn.
+    cfg = self.builder_config
+    cfg.validate()
+    return self._splits(cfg)
+
+  def _splits(self, cfg) -> dict:
+    """Split name -> ``self._generate_examples(...)`` for the validated ``cfg``."""
+    raise NotImplementedError
 
   def _generate_examples(self, split: str, items: Iterable, work: Callable,
                          num_workers: int) -> Iterator[tuple[str, dict]]:
@@ -361,11 +269,3 @@ class FundusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _work_on(item):
   _, _, (work, payload) = item
   return work(payload)
-
-
-def read_report(version_dir: str) -> dict | None:
-  path = os.path.join(version_dir, REPORT_NAME)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)

@@ -5,7 +5,7 @@ Input: a folder of FLAIR-format dataframes (one CSV per dataset with columns
 ``ast.literal_eval``) and the data root the ``image`` paths are relative to.
 Each image is decoded once, converted to RGB, optionally cropped to its field
 of view, resized so its longest side is the canvas and stored encoded.
-Bad rows and images are skipped and counted (see common.SplitReport).
+Bad rows and images are skipped and counted (see report.SplitReport).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import glob
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from data_pipelines import categories as categories_lib
+from data_pipelines import dataframes
 from data_pipelines import images
 from data_pipelines.builders import common
 
@@ -77,9 +77,8 @@ def config_name(cfg: AssemblyConfig) -> str:
   for field in ('dataframes_dir', 'data_root', 'extra_categories'):
     options[field] = os.path.realpath(options[field]) if options[field] else ''
   options['datasets'] = list(options['datasets'])
-  fmt = 'png' if cfg.image_format == 'png' else f'jpeg{cfg.jpeg_quality}'
   crop = '-crop' if cfg.crop_foreground else ''
-  return f'c{cfg.canvas}-{fmt}{crop}-{common.options_hash(options)}'
+  return f'c{cfg.canvas}-{cfg.format_tag()}{crop}-{common.options_hash(options)}'
 
 
 def prepare_example(payload: dict) -> dict:
@@ -111,11 +110,10 @@ def rows(cfg, columns=COLUMNS, vocabulary=None, require_dataset=True):
   shared = {'canvas': int(cfg.canvas), 'image_format': cfg.image_format,
             'jpeg_quality': int(cfg.jpeg_quality), 'crop': bool(cfg.crop_foreground),
             'max_pixels': int(cfg.max_pixels), 'jpeg_draft': bool(cfg.jpeg_draft)}
-  csv_paths = cfg.csv_paths()
-  for csv_path in csv_paths:
+  for csv_path in cfg.csv_paths():
     stem = os.path.splitext(os.path.basename(csv_path))[0]
-    for number, (where, row) in enumerate(common.read_dataframe(csv_path, columns)):
-      key = f'{stem}:{number}'
+    for number, (line, row) in enumerate(dataframes.read_rows(csv_path, columns)):
+      key, where = f'{stem}:{number}', dataframes.location(csv_path, line)
       if isinstance(row, common.Skip):
         yield key, where, row
         continue
@@ -129,8 +127,8 @@ def rows(cfg, columns=COLUMNS, vocabulary=None, require_dataset=True):
 
 def _parse_row(row, root, vocabulary, require_dataset):
   relative = row['image']
-  cats = common.parse_list(row['categories'], 'categories')
-  attributes = (common.parse_list(row['atributes'], 'atributes')
+  cats = dataframes.parse_list(row['categories'], 'categories')
+  attributes = (dataframes.parse_list(row['atributes'], 'atributes')
                 if 'atributes' in row and row['atributes'] is not None else [])
   if vocabulary is not None:
     unknown = [c for c in cats if c not in vocabulary or not c]
@@ -148,13 +146,7 @@ class FundusAssembly(common.FundusBuilder):
 
   BUILDER_CONFIGS = [AssemblyConfig(name='default')]
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self._make_info(__doc__)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    cfg = self.builder_config
-    cfg.validate()
+  def _splits(self, cfg: AssemblyConfig) -> dict:
     cfg.csv_paths()  # Fails early, naming missing dataframes.
     vocabulary = categories_lib.load_vocabulary(cfg.extra_categories or None)
     return {'train': self._generate_examples(

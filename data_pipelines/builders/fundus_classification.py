@@ -15,7 +15,6 @@ label) and ``label_name`` besides the shared schema.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -23,30 +22,13 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import images
 from data_pipelines import synthetic
+from data_pipelines import targets as targets_lib
 from data_pipelines.builders import common
 from data_pipelines.builders import fundus_assembly
 from data_pipelines.builders import fundus_synthetic
 
 SPLIT = 'test'
 SYNTHETIC_TARGETS = {c: i for i, c in enumerate(synthetic.CATEGORIES)}
-
-
-def parse_targets(targets: Any) -> dict[str, int]:
-  """A target map from a dict, JSON text or a JSON file; labels 0..K-1."""
-  if isinstance(targets, str) and targets.strip().startswith('{'):
-    targets = json.loads(targets)
-  elif isinstance(targets, str) and targets:
-    with open(targets, encoding='utf-8') as f:
-      targets = json.load(f)
-  if not isinstance(targets, dict) or not targets:
-    raise ValueError('targets: expected a class name -> label map (dict, JSON '
-                     f'text or JSON file), e.g. {{"normal": 0, "glaucoma": 1}}; '
-                     f'got {targets!r}')
-  labels = sorted(int(v) for v in targets.values())
-  if labels != list(range(len(targets))):
-    raise ValueError(f'targets {targets}: labels must be 0..{len(targets) - 1}, '
-                     'each once')
-  return {str(k): int(v) for k, v in targets.items()}
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,8 +38,9 @@ class ClassificationConfig(common.ImageOptions):
   Attributes:
     dataframe: FLAIR transferability CSV (unused when synthetic).
     data_root: folder the ``image`` paths are relative to.
-    targets: class name -> label (dict, JSON text or JSON file path); empty
-      with synthetic=True means the six synthetic categories.
+    targets: class name -> label (dict, JSON text or JSON file path) or
+      class names in label order ("a,b,c"); empty with synthetic=True means
+      the six synthetic categories.
     synthetic: build the fundus_synthetic test split instead of a CSV.
     n_test, seed: size and seed of the synthetic split.
   """
@@ -75,7 +58,7 @@ class ClassificationConfig(common.ImageOptions):
   def target_map(self) -> dict[str, int]:
     if self.synthetic and not self.targets:
       return dict(SYNTHETIC_TARGETS)
-    return parse_targets(self.targets)
+    return targets_lib.parse_targets(self.targets)
 
   def validate(self):
     super().validate()
@@ -102,12 +85,11 @@ def config_name(cfg: ClassificationConfig) -> str:
   options['targets'] = cfg.target_map()
   for field in ('dataframe', 'data_root'):
     options[field] = os.path.realpath(options[field]) if options[field] else ''
-  fmt = 'png' if cfg.image_format == 'png' else f'jpeg{cfg.jpeg_quality}'
   if cfg.synthetic:
     stem = f'synthetic-n{cfg.n_test}-s{cfg.seed}'
   else:
     stem = os.path.splitext(os.path.basename(cfg.dataframe))[0]
-  return f'{stem}-c{cfg.canvas}-{fmt}-{common.options_hash(options)}'
+  return f'{stem}-c{cfg.canvas}-{cfg.format_tag()}-{common.options_hash(options)}'
 
 
 def labelled(work, payload: tuple) -> dict:
@@ -133,21 +115,16 @@ class FundusClassification(common.FundusBuilder):
 
   BUILDER_CONFIGS = [ClassificationConfig(name='default')]
 
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _extra_features(self) -> dict:
     cfg = self.builder_config
     if not (cfg.targets or cfg.synthetic):
       raise ValueError('fundus_classification needs targets (class name -> '
                        'label) or synthetic=True; build it with '
                        'data_pipelines.build.build(..., targets=...)')
-    targets = cfg.target_map()
-    names = sorted(targets, key=targets.get)
-    return self._make_info(__doc__, label=tfds.features.ClassLabel(names=names),
-                           label_name=tfds.features.Text())
+    names = targets_lib.class_names(cfg.target_map())
+    return {'label': tfds.features.ClassLabel(names=names), 'label_name': tfds.features.Text()}
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    cfg = self.builder_config
-    cfg.validate()
+  def _splits(self, cfg: ClassificationConfig) -> dict:
     targets = cfg.target_map()
     if cfg.synthetic:
       items = ((k, w, (p, targets)) for k, w, p in

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_pipelines import images
@@ -35,8 +34,7 @@ class SyntheticConfig(common.ImageOptions):
 
 
 def config_name(cfg: SyntheticConfig) -> str:
-  fmt = 'png' if cfg.image_format == 'png' else f'jpeg{cfg.jpeg_quality}'
-  return f'c{cfg.canvas}-{fmt}-n{cfg.n_train}-{cfg.n_test}-s{cfg.seed}'
+  return f'c{cfg.canvas}-{cfg.format_tag()}-n{cfg.n_train}-{cfg.n_test}-s{cfg.seed}'
 
 
 def make_example(payload: tuple) -> dict:
@@ -65,13 +63,7 @@ class FundusSynthetic(common.FundusBuilder):
 
   BUILDER_CONFIGS = [_DEFAULT]
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self._make_info(__doc__)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    cfg = self.builder_config
-    cfg.validate()
+  def _splits(self, cfg: SyntheticConfig) -> dict:
     sizes = {'train': int(cfg.n_train), 'test': int(cfg.n_test)}
     return {split: self._generate_examples(split, split_items(cfg, split, n),
                                            make_example, cfg.num_workers)

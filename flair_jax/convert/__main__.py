@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -16,8 +15,7 @@ from flair_jax.convert.flair_torch import FORMATS, export_to_torch, import_from_
 
 
 def parse_args(argv):
-  parser = console.ArgumentParser(prog='python -m flair_jax.convert', description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = console.ArgumentParser(prog='python -m flair_jax.convert', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   to = sub.add_parser('to-torch', help='flair_jax checkpoint -> PyTorch FLAIR')
   console.add_verbose_flag(to)
@@ -29,9 +27,9 @@ def parse_args(argv):
   to.add_argument('--bert-type', default=None,
                   help="text tower name or folder written to config.json "
                   "(default: the checkpoint's)")
-  to.add_argument('--bundle-text-encoder', action='store_true',
-                  help='add DIR/text_encoder/ (BERT config, tokenizer, weights) '
-                  'and point bert_type at it')
+  console.add_bool_flag(to, '--bundle-text-encoder',
+                        help='add DIR/text_encoder/ (BERT config, tokenizer, weights) '
+                        'and point bert_type at it')
   frm = sub.add_parser('from-torch', help='PyTorch FLAIR -> flair_jax checkpoint')
   console.add_verbose_flag(frm)
   frm.add_argument('--input', required=True,

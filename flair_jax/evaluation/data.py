@@ -7,18 +7,15 @@ and the class names in label order (the zero-shot prompts).
 
 from __future__ import annotations
 
-import ast
-import csv
 import dataclasses
-import json
 import os
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
+from data_pipelines import dataframes
 from data_pipelines import images as images_lib
-
-Targets = Union[Mapping[str, int], Sequence[str]]
+from data_pipelines.targets import Targets, class_names, parse_targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,49 +51,27 @@ class _Lazy(Sequence):
     return self._fn(self._items[i])
 
 
-def read_targets(targets: Union[str, Targets]) -> dict[str, int]:
-  """A class-name -> label map from a mapping, a name list (label = position),
-  a JSON file of either, or a comma-separated string."""
-  if isinstance(targets, str):
-    if os.path.isfile(targets):
-      with open(targets, encoding='utf-8') as f:
-        targets = json.load(f)
-    else:
-      targets = [t.strip() for t in targets.split(',') if t.strip()]
-  if isinstance(targets, Mapping):
-    out = {str(k): int(v) for k, v in targets.items()}
-  else:
-    out = {str(name): i for i, name in enumerate(targets)}
-  if sorted(out.values()) != list(range(len(out))):
-    raise ValueError(f'target map {out} must give the labels 0..{len(out) - 1} once each')
-  return out
-
-
-def class_names(targets: Mapping[str, int]) -> tuple:
-  return tuple(sorted(targets, key=targets.get))
-
-
-def from_csv(csv_path: str, data_root: str, targets: Union[str, Targets]) -> DownstreamSet:
+def from_csv(csv_path: str, data_root: str, targets: Targets) -> DownstreamSet:
   """A FLAIR transferability CSV (``image``, ``categories`` columns).
 
   A sample's label is the target of its FIRST category, as FLAIR's loader
   takes it; list cells are parsed with ``ast.literal_eval``.
   """
-  targets = read_targets(targets)
+  targets = parse_targets(targets)
   paths, labels, unknown = [], [], {}
-  with open(csv_path, newline='', encoding='utf-8') as f:
-    for row_number, row in enumerate(csv.DictReader(f), start=2):
-      try:
-        categories = ast.literal_eval(row['categories'])
-        first = categories[0]
-      except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
-        raise ValueError(f'{csv_path}:{row_number}: categories cell {row.get("categories")!r} '
-                         'is not a non-empty list literal like "[\'glaucoma\']"') from None
-      if first not in targets:
-        unknown[first] = unknown.get(first, 0) + 1
-        continue
-      paths.append(os.path.join(data_root, row['image']))
-      labels.append(targets[first])
+  for line, row in dataframes.read_rows(csv_path, ('image', 'categories')):
+    if isinstance(row, dataframes.Skip):
+      raise ValueError(f'{csv_path}:{line}: {row.detail}')
+    try:
+      first = dataframes.parse_list(row['categories'], 'categories')[0]
+    except (dataframes.Skip, IndexError):
+      raise ValueError(f'{csv_path}:{line}: categories cell {row["categories"]!r} '
+                       'is not a non-empty list literal like "[\'glaucoma\']"') from None
+    if first not in targets:
+      unknown[first] = unknown.get(first, 0) + 1
+      continue
+    paths.append(os.path.join(data_root, row['image']))
+    labels.append(targets[first])
   if unknown:
     raise ValueError(f'{csv_path}: first categories {unknown} are not in the targets '
                      f'{list(targets)}; add them to the target map')
@@ -111,7 +86,7 @@ def from_csv(csv_path: str, data_root: str, targets: Union[str, Targets]) -> Dow
 
 
 def from_tfds(dataset: str, split: str = 'test', data_dir: Optional[str] = None,
-              targets: Optional[Union[str, Targets]] = None) -> DownstreamSet:
+              targets: Optional[Targets] = None) -> DownstreamSet:
   """A built ``fundus_classification`` dataset (array_record; no TensorFlow).
 
   Args:
@@ -130,7 +105,7 @@ def from_tfds(dataset: str, split: str = 'test', data_dir: Optional[str] = None,
   source = builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   labels = np.asarray([int(source[i]['label']) for i in range(len(source))], np.int64)
   if targets is not None:
-    names = class_names(read_targets(targets))
+    names = class_names(parse_targets(targets))
   else:
     names = tuple(getattr(builder.info.features['label'], 'names', ()))
     if not names:
