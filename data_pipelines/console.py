@@ -177,9 +177,9 @@ def wants_traceback(argv: Sequence[str]) -> bool:
     name, has_value, value = arg.partition('=')
     if name == VERBOSE:
       if not has_value:  # '--verbose' alone, or with its value as the next word
-        following = argv[i + 1].lower() if i + 1 < len(argv) else ''
+        following = argv[i + 1].strip().lower() if i + 1 < len(argv) else ''
         value = following if following in _TRUE + _FALSE else 'true'
-      verbose = value.lower() in _TRUE
+      verbose = value.strip().lower() in _TRUE
     elif arg in (f'--no-{VERBOSE[2:]}', f'--no{VERBOSE[2:]}'):
       verbose = False
   return verbose

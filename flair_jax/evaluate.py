@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--targets', help='class names in label order ("a,b,c") or a target map '
                  '(JSON text or file); required for a CSV, default for TFDS: the label names')
   console.add_bool_flag(p, '--domain-knowledge', default=True,
-                        help='prompt with expert descriptions (zero-shot, adapters)')
+                        help='prompt with expert descriptions (zero-shot, adapters; default: true)')
   p.add_argument('--knowledge', default='flair_repo',
                  help="expert dictionary: 'flair_repo', 'seed' or a JSON file")
   p.add_argument('--folds', type=int, help='default: 1 for zero-shot, 5 otherwise')

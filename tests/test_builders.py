@@ -16,8 +16,10 @@ from PIL import Image
 
 from data_pipelines import build as build_lib
 from data_pipelines import cli
+from data_pipelines import dataframes
 from data_pipelines import images
 from data_pipelines import synthetic
+from data_pipelines import targets as targets_lib
 from data_pipelines.builders import BuildError, fundus_classification
 from tests.test_images import png_header_only
 
@@ -314,3 +316,54 @@ def test_bad_options_are_named():
     build_lib.make_config('fundus_assembly')
   with pytest.raises(ValueError, match='labels must be'):
     build_lib.make_config('fundus_classification', synthetic=True, targets={'normal': 1})
+
+
+@pytest.mark.parametrize('written', [
+    'normal,glaucoma , diabetic retinopathy',
+    '["normal", "glaucoma", "diabetic retinopathy"]',
+    '{"glaucoma": 1, "normal": 0, "diabetic retinopathy": 2}',
+    ['normal', 'glaucoma', 'diabetic retinopathy'],
+    {'diabetic retinopathy': 2, 'normal': 0, 'glaucoma': 1},
+    'FILE_LIST', 'FILE_MAP',
+])
+def test_every_form_of_a_target_map_reads_the_same(written, tmp_path):
+  want = {'normal': 0, 'glaucoma': 1, 'diabetic retinopathy': 2}
+  if written in ('FILE_LIST', 'FILE_MAP'):
+    path = tmp_path / 'targets.json'
+    path.write_text(json.dumps(list(want) if written == 'FILE_LIST' else want))
+    written = str(path)
+  assert targets_lib.parse_targets(written) == want
+  assert targets_lib.class_names(targets_lib.parse_targets(written)) == tuple(want)
+
+
+@pytest.mark.parametrize('written, message', [
+    ('', 'expected class names in label order'),
+    ({}, 'expected class names in label order'),
+    ('missing.json', 'targets file missing.json does not exist'),
+    ('{"normal": 0', 'is not valid JSON'),
+    ({'normal': 0, 'glaucoma': 2}, r'labels must be 0\.\.1, each once'),
+    ({'normal': 'zero'}, 'labels must be integers'),
+    ('normal,glaucoma,normal', r"classes \['normal'\] are listed more than once"),
+])
+def test_a_bad_target_map_is_a_user_error_saying_what_is_wrong(written, message):
+  with pytest.raises(targets_lib.TargetsError, match=message):
+    targets_lib.parse_targets(written)
+
+
+def test_dataframe_rows_carry_their_line_and_bad_rows_are_skips(tmp_path):
+  path = tmp_path / 'set.csv'
+  path.write_text(',image,categories\n'
+                  '0,a.png,"[\'normal\']"\n'
+                  '1,"b\nc.png","[\'glaucoma\']"\n'  # a quoted cell over two lines
+                  '2,d.png\n'
+                  '3,e.png,"[1]"\n')
+  rows = list(dataframes.read_rows(str(path), ('image', 'categories')))
+  assert [line for line, _ in rows] == [2, 4, 5, 6]  # the line each row ends on
+  assert rows[1][1]['image'] == 'b\nc.png'
+  assert isinstance(rows[2][1], dataframes.Skip) and rows[2][1].reason == 'malformed_row'
+  assert dataframes.parse_list(rows[0][1]['categories'], 'categories') == ['normal']
+  with pytest.raises(dataframes.Skip, match='not a list of strings'):
+    dataframes.parse_list(rows[3][1]['categories'], 'categories')
+  assert dataframes.location(str(path), 4) == 'set.csv:4'
+  with pytest.raises(ValueError, match=r"columns \['atributes'\] missing"):
+    next(dataframes.read_rows(str(path), ('image', 'atributes')))

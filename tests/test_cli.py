@@ -171,3 +171,53 @@ def test_argument_parser_errors_are_one_line_exit_2(capsys):
   assert exit_info.value.code == 2
   assert capsys.readouterr().err == (
       "error: argument --n: invalid int value: 'x' (see prog --help)\n")
+
+
+BOOL_FORMS = [([], False), (['--x'], True), (['--x=true'], True), (['--x=False'], False),
+              (['--x', 'no'], False), (['--x', '1'], True), (['--no-x'], False), (['--nox'], False),
+              (['--x', '--nox'], False), (['--nox', '--x=yes'], True)]
+
+
+@pytest.mark.parametrize('argv, value', BOOL_FORMS)
+def test_bool_flags_take_the_argparse_and_absl_forms(argv, value):
+  parser = console.ArgumentParser(prog='prog')
+  console.add_bool_flag(parser, '--x')
+  assert parser.parse_args(argv).x is value
+
+
+@pytest.mark.parametrize('argv, value', [([a.replace('x', 'verbose') for a in argv], value)
+                                         for argv, value in BOOL_FORMS])
+def test_run_reads_verbose_as_the_parser_does(argv, value):
+  parser = console.ArgumentParser(prog='prog')
+  console.add_verbose_flag(parser)
+  assert parser.parse_args(argv).verbose is value
+  assert console.wants_traceback(argv) is value
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--x=maybe'], "error: argument --x: expected true or false, got 'maybe' (see prog --help)"),
+    (['--no-x=true'], 'error: argument --no-x: takes no value (see prog --help)'),
+])
+def test_a_bad_bool_flag_is_one_line_exit_2(argv, message, capsys):
+  parser = console.ArgumentParser(prog='prog')
+  console.add_bool_flag(parser, '--x')
+  with pytest.raises(SystemExit) as exit_info:
+    parser.parse_args(argv)
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == message + '\n'
+
+
+def test_builder_bool_options_take_every_spelling():
+  from data_pipelines import cli  # pylint: disable=g-import-not-at-top
+  parser = cli._option_parser('fundus_classification')  # pylint: disable=protected-access
+  args = parser.parse_args(['--data-dir', 'd', '--synthetic', '--crop-foreground', 'false',
+                            '--jpeg_draft=true', '--quiet'])
+  assert (args.synthetic, args.crop_foreground, args.jpeg_draft, args.quiet) == (
+      True, False, True, True)
+  assert not hasattr(parser.parse_args(['--data-dir', 'd']), 'synthetic')  # the config's default
+
+
+def test_train_takes_absl_spellings_of_its_own_flags(tmp_path):
+  result = _run('-m', 'flair_jax.train', '--noverbose', '--config', TINY,
+                '--config.train.bach_size=8', '--workdir=' + str(tmp_path), '--verbose=false')
+  assert _assert_one_error_line(result).startswith("error: config has no key 'bach_size'")
