@@ -534,3 +534,18 @@ def test_safetensors_paths_need_no_torch(ckpt_dir, bert_dir, tmp):
   assert 'flair.pth not written: PyTorch is not installed' in both
   assert '--format pth' in both
   _assert_state_equal(checkpoint.load_state(back)[0], checkpoint.load_state(ckpt_dir)[0])
+
+
+def test_an_unknown_hub_vision_type_is_refused_in_one_line(export_dir, bert_dir, tmp, capsys):
+  folder = tmp / 'vit_export'
+  folder.mkdir()
+  os.symlink(os.path.join(export_dir, 'model.safetensors'), folder / 'model.safetensors')
+  with open(os.path.join(export_dir, 'config.json')) as f:
+    hub = json.load(f)
+  (folder / 'config.json').write_text(json.dumps(hub | {'vision_type': 'vit_b_16'}))
+  assert main(['from-torch', '--input', str(folder), '--out', str(tmp / 'never_vit'),
+               '--bert-type', str(bert_dir)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("error: vision_type 'vit_b_16' is not supported; expected one of "
+                     "['resnet_v1', 'resnet_v2']")
+  assert not os.path.exists(tmp / 'never_vit')
