@@ -24,14 +24,13 @@ from flair_jax import checkpoint, trees
 from flair_jax.convert import table, torch_io
 from flair_jax.convert.pretrained import read_bert_config
 from flair_jax.models import DEFAULT_BERT_TYPE, BertConfig, ModelConfig, VisionConfig, factory
-from flair_jax.models.flair import TEXT_TORCH_PREFIX, TORCH_EXTRAS
+from flair_jax.models.flair import TEXT_TORCH_PREFIX, TORCH_EXTRAS, VISION_TORCH_PREFIX
 from flair_jax.models.state import abstract_model_state
 
 FORMATS = ('hf', 'pth', 'both')
 PTH_FILE = 'flair.pth'
 HUB_CONFIG = 'config.json'
 TEXT_ENCODER = 'text_encoder'
-VISION_PREFIX = 'vision_model.model.'
 # PyTorch FLAIR's vision_type when config.json names none.
 DEFAULT_HUB_VISION_TYPE = 'resnet_v1'
 _log = logging.getLogger(__name__)
@@ -78,8 +77,8 @@ def vision_config_from_torch(sd: Mapping, hub_vision_type: str) -> VisionConfig:
   config's ``vision_type``, its shape from the weights."""
   vision_type = factory.vision_type_of_hub(hub_vision_type)
   tower = factory.VISION_TOWERS[vision_type]
-  shapes = {k[len(VISION_PREFIX):]: tuple(np.shape(v)) for k, v in sd.items()
-            if k.startswith(VISION_PREFIX)}
+  shapes = {k[len(VISION_TORCH_PREFIX):]: tuple(np.shape(v)) for k, v in sd.items()
+            if k.startswith(VISION_TORCH_PREFIX)}
   return VisionConfig(type=vision_type, **tower.shape_from_torch(shapes))
 
 

@@ -154,6 +154,7 @@ class FLAIRTowers(nnx.Module):
     return img_bd, txt_bd, clamp_logit_scale(self.logit_scale[...])
 
 
+VISION_TORCH_PREFIX = 'vision_model.model.'
 TEXT_TORCH_PREFIX = 'text_model.model.'
 # PyTorch keys accepted on import and dropped: the text tower's own.
 TORCH_EXTRAS = tuple(TEXT_TORCH_PREFIX + k for k in bert_lib.TORCH_EXTRAS)
@@ -162,7 +163,7 @@ TORCH_EXTRAS = tuple(TEXT_TORCH_PREFIX + k for k in bert_lib.TORCH_EXTRAS)
 def torch_rows(vision_rows: tuple) -> tuple:
   """PyTorch FLAIRModel <-> FLAIRTowers, for an image tower of ``vision_rows``."""
   return (
-      Row('vision_model.model.', 'vision_model/', vision_rows),
+      Row(VISION_TORCH_PREFIX, 'vision_model/', vision_rows),
       Row('vision_model.projection_head_vision.projection', 'vision_projection/projection',
           'linear'),
       Row(TEXT_TORCH_PREFIX, 'text_model/', bert_lib.TORCH_ROWS),
