@@ -137,14 +137,16 @@ def compile_tiny_step(devices, *, batch=TINY['batch'], image=TINY['image']):
   from benchmarks import train_throughput as tt  # pylint: disable=g-import-not-at-top
   from flair_jax import parallel  # pylint: disable=g-import-not-at-top
   from flair_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
-  from flair_jax.models import FLAIR, BertConfig  # pylint: disable=g-import-not-at-top
+  from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh(devices=devices)
   tx = optim.make_optimizer(1e-4, trainable_mask=lambda p: optim.trainable_mask(p, tt.FROZEN))
 
   def make():
-    model = FLAIR(BertConfig(**TINY['bert']), resnet_stages=TINY['resnet_stages'],
-                  resnet_width=TINY['resnet_width'], proj_dim=TINY['proj_dim'], rngs=nnx.Rngs(0))
+    model = build_model(ModelConfig(
+        bert=BertConfig(**TINY['bert']), proj_dim=TINY['proj_dim'],
+        vision=VisionConfig(stages=TINY['resnet_stages'], width=TINY['resnet_width'])),
+        rngs=nnx.Rngs(0))
     model.train()
     return model
 

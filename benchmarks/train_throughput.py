@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from benchmarks import machine_info
 from flair_jax import parallel
 from flair_jax.training import optim, step as step_lib
-from flair_jax.models import FLAIR, BertConfig
+from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # Dense peak TFLOP/s per chip: (device-kind substring, compute dtype) -> peak.
@@ -69,8 +69,9 @@ def make_model(args, dtype):
   bert = BertConfig(vocab_size=args.bert_vocab, hidden_size=args.bert_hidden,
                     num_hidden_layers=args.bert_layers, num_attention_heads=args.bert_heads,
                     intermediate_size=args.bert_intermediate)
-  model = FLAIR(bert, resnet_stages=tuple(args.resnet_stages), resnet_width=args.resnet_width,
-                proj_dim=args.proj_dim, dtype=dtype, rngs=nnx.Rngs(0))
+  vision = VisionConfig(stages=tuple(args.resnet_stages), width=args.resnet_width)
+  model = build_model(ModelConfig(bert=bert, vision=vision, proj_dim=args.proj_dim), dtype,
+                      nnx.Rngs(0))
   model.train()
   return model
 

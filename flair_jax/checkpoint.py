@@ -1,8 +1,8 @@
 """flair_jax checkpoints: the model's state in orbax plus ``model_config.json``.
 
 Layout (every form holds an orbax item folder ``model/`` with the nested
-state dict of :func:`model_state`: all parameters and BatchNorm statistics,
-keyed like ``nnx.to_pure_dict``)::
+state dict of :func:`flair_jax.models.state.model_state`: all parameters and
+BatchNorm statistics, keyed like ``nnx.to_pure_dict``)::
 
   MODEL_DIR/                      save_model(), convert from-torch
     model/                        orbax StandardCheckpointer item
@@ -18,137 +18,28 @@ keyed like ``nnx.to_pure_dict``)::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
 import uuid
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipelines import captions as captions_lib
-from data_pipelines.console import UserError
 from data_pipelines.jsonio import write_json
 from flair_jax import trees
-from flair_jax.models import FLAIR, RESNET50_STAGES, BertConfig
+from flair_jax.models import FLAIRTowers, ModelConfig, build_model
+from flair_jax.models.state import (StateMismatchError, abstract_model_state, assign_state,
+                                    model_state)
 
 MODEL_ITEM = 'model'
 CONFIG_FILE = 'model_config.json'
 CHECKPOINTS_DIR = 'checkpoints'
 # Written by orbax last, when every item of a step is complete.
 COMMIT_MARKER = 'commit_success.txt'
-DEFAULT_BERT_TYPE = 'emilyalsentzer/Bio_ClinicalBERT'
-DEFAULT_CAPTION = captions_lib.PROMPT_TEMPLATE
-
-
-class MismatchError(UserError, ValueError):
-  """A state or config that does not fit the model it is meant for."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Everything needed to rebuild a FLAIR model and its text inputs.
-
-  Attributes:
-    bert: shape of the text tower.
-    bert_type: Hugging Face id or local folder of the text tower's tokenizer
-      (and of its original weights).
-    resnet_stages, resnet_width: shape of the image tower (ResNet-50 default).
-    proj_dim, projection, norm, text_pooling, logit_scale_init_value: as
-      :class:`flair_jax.models.FLAIR`.
-    image_size: side of the square input canvas.
-    caption: the prompt template, ``[CLS]`` replaced by a class name.
-  """
-  bert: BertConfig = BertConfig()
-  bert_type: str = DEFAULT_BERT_TYPE
-  resnet_stages: tuple = RESNET50_STAGES
-  resnet_width: int = 64
-  proj_dim: int = 512
-  projection: bool = True
-  norm: bool = True
-  text_pooling: str = 'flair'
-  logit_scale_init_value: float = 0.07
-  image_size: int = 512
-  caption: str = DEFAULT_CAPTION
-
-  def __post_init__(self):
-    object.__setattr__(self, 'resnet_stages', tuple(int(s) for s in self.resnet_stages))
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d['bert_config'] = self.bert.to_dict()
-    del d['bert']
-    d['resnet_stages'] = list(self.resnet_stages)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: Mapping) -> 'ModelConfig':
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(cls)} - {'bert'} | {'bert_config'}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise MismatchError(f'model config has unknown keys {unknown}; '
-                          f'expected some of {sorted(known)}')
-    if 'bert_config' in d:
-      d['bert'] = BertConfig.from_dict(d.pop('bert_config'))
-    return cls(**d)
-
-
-
-def build_model(config: ModelConfig, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None) -> FLAIR:
-  """A freshly initialised FLAIR of ``config``'s shape (train mode)."""
-  if isinstance(config, Mapping):
-    config = ModelConfig.from_dict(config)
-  return FLAIR(config.bert, resnet_stages=config.resnet_stages,
-               resnet_width=config.resnet_width, proj_dim=config.proj_dim,
-               projection=config.projection, norm=config.norm,
-               text_pooling=config.text_pooling,
-               logit_scale_init_value=config.logit_scale_init_value,
-               dtype=dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
-
-
-def model_state(model: nnx.Module) -> dict:
-  """The checkpoint item: nested dict of all parameters and BatchNorm stats."""
-  return nnx.to_pure_dict(nnx.state(model))
-
-
-def abstract_state(module_fn, sharding=None) -> dict:
-  """Nested ``ShapeDtypeStruct`` state of ``module_fn()``, nothing allocated.
-
-  ``sharding`` (default: the first device) is attached to every leaf, as
-  orbax restores need.
-  """
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = nnx.to_pure_dict(nnx.state(nnx.eval_shape(module_fn)))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state)
-
-
-def abstract_model_state(config: ModelConfig, sharding=None) -> dict:
-  """:func:`abstract_state` of the FLAIR model of ``config``."""
-  return abstract_state(lambda: build_model(config), sharding)
-
-
-def assign_state(module: nnx.Module, state: Mapping) -> None:
-  """Writes a nested state dict (arrays) into ``module`` in place.
-
-  Raises:
-    ValueError: naming every path whose presence or shape differs.
-  """
-  current = nnx.state(module)
-  have = {k: np.shape(v) for k, v in trees.flatten(nnx.to_pure_dict(current)).items()}
-  got = {k: np.shape(v) for k, v in trees.flatten(state).items()}
-  problems = ([f'missing {k}' for k in have if k not in got]
-              + [f'unexpected {k}' for k in got if k not in have]
-              + [f'{k} has shape {got[k]}, expected {have[k]}'
-                 for k in have if k in got and got[k] != have[k]])
-  if problems:
-    raise MismatchError(f'state does not fit {type(module).__name__}: ' + '; '.join(problems))
-  nnx.replace_by_pure_dict(current, jax.tree.map(jnp.asarray, dict(state)))
-  nnx.update(module, current)
 
 
 @contextlib.contextmanager
@@ -194,7 +85,7 @@ def save_state(state: Mapping, config: ModelConfig, directory: str) -> str:
   return os.path.abspath(directory)
 
 
-def save_model(model: FLAIR, config: ModelConfig, directory: str) -> str:
+def save_model(model: FLAIRTowers, config: ModelConfig, directory: str) -> str:
   """Writes ``model`` as a flair_jax model folder (atomically); returns it."""
   return save_state(model_state(model), config, directory)
 
@@ -259,8 +150,8 @@ def load_state(path: str, sharding=None) -> tuple:
   target = abstract_model_state(config, sharding)
   problems = shape_problems(item_dir, target)
   if problems:
-    raise MismatchError(f'checkpoint {item_dir} does not fit the model of {config_path}: '
-                     + '; '.join(problems))
+    raise StateMismatchError(f'checkpoint {item_dir} does not fit the model of {config_path}: '
+                             + '; '.join(problems))
   with ocp.StandardCheckpointer() as ckpt:
     state = ckpt.restore(item_dir, target)
   return state, config
@@ -279,14 +170,12 @@ def shape_problems(item_dir: str, target: Mapping) -> list:
   # look for, and warn about, step metadata that an item folder does not have).
   stored = _stored_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)))
   want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in trees.flatten(target).items()}
-  return ([f'missing {k}' for k in want if k not in stored]
-          + [f'unexpected {k}' for k in stored if k not in want]
-          + [f'{k} is {_spec(*stored[k])}, expected {_spec(*want[k])}'
-             for k in want if k in stored and stored[k] != want[k]])
+  return trees.mismatches(want, stored, describe=_describe_difference).lines()
 
 
-def _spec(shape, dtype) -> str:
-  return f'{dtype}{list(shape)}'
+def _describe_difference(path: str, found: tuple, want: tuple) -> str:
+  (found_shape, found_dtype), (want_shape, want_dtype) = found, want
+  return f'{path} is {found_dtype}{list(found_shape)}, expected {want_dtype}{list(want_shape)}'
 
 
 def _stored_shapes(metadata) -> dict:

@@ -27,7 +27,8 @@ from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from flair_jax import checkpoint, convert
 from flair_jax.evaluation import zero_shot
-from flair_jax.models import FLAIR, clamp_logit_scale
+from flair_jax.models import FLAIRTowers, build_model, clamp_logit_scale
+from flair_jax.models.state import assign_state
 from flair_jax.preprocess import preprocess_batch
 
 TEXT_ROWS_MULTIPLE = 8  # text batches are padded to a multiple: fewer compilations
@@ -76,8 +77,8 @@ def load_any(path: Union[str, os.PathLike], dtype=jnp.float32,
     model, config = checkpoint.load_model(path, dtype=dtype)
     return model, config, _tokenizer_source(os.path.dirname(item_dir), config.bert_type)
   state, config = convert.read_torch_flair(path, bert_type)
-  model = nnx.eval_shape(lambda: checkpoint.build_model(config, dtype))
-  checkpoint.assign_state(model, state)
+  model = nnx.eval_shape(lambda: build_model(config, dtype))
+  assign_state(model, state)
   model.eval()
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   return model, config, _tokenizer_source(folder, config.bert_type)
@@ -93,7 +94,7 @@ class FLAIRModel:
     caption: prompt template; ``[CLS]`` is replaced by each class name.
   """
 
-  def __init__(self, model: FLAIR, tokenizer, *, image_size: int = 512,
+  def __init__(self, model: FLAIRTowers, tokenizer, *, image_size: int = 512,
                caption: str = zero_shot.CAPTION):
     if '[CLS]' not in caption:
       raise ValueError(f'caption {caption!r} has no [CLS] placeholder for the class name')

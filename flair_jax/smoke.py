@@ -17,7 +17,7 @@ from flax import nnx
 from PIL import Image
 
 from data_pipelines import console
-from flair_jax.models import FLAIR, BertConfig
+from flair_jax.models import ModelConfig, build_model
 from flair_jax.preprocess import preprocess_image
 
 
@@ -45,7 +45,7 @@ def main(argv=None):
   print(f'image {image.shape} -> canvas {tuple(pixels.shape)}')
 
   # ResNet-50 and a BERT-base-shaped text tower, random weights.
-  model = FLAIR(BertConfig(), rngs=nnx.Rngs(0))
+  model = build_model(ModelConfig(), rngs=nnx.Rngs(0))
   model.eval()
   graphdef, state = nnx.split(model)
   encode_image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))

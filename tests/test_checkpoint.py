@@ -12,14 +12,14 @@ import pytest
 from flax import nnx
 
 from flair_jax import checkpoint, trees
-from flair_jax.checkpoint import ModelConfig
 from flair_jax.convert import export_to_torch
-from flair_jax.models import BertConfig
+from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
+from flair_jax.models.state import assign_state, model_state
 
 CONFIG = ModelConfig(
     bert=BertConfig(vocab_size=31, hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=17, max_position_embeddings=23),
-    bert_type='some-org/some-bert', resnet_stages=(1, 2), resnet_width=4, proj_dim=7,
+    bert_type='some-org/some-bert', vision=VisionConfig(stages=(1, 2), width=4), proj_dim=7,
     text_pooling='masked', image_size=33, caption='An eye with [CLS]')
 
 
@@ -31,8 +31,8 @@ def _random_state(like, seed):
 
 
 def _model(seed):
-  model = nnx.eval_shape(lambda: checkpoint.build_model(CONFIG))
-  checkpoint.assign_state(model, _random_state(checkpoint.model_state(model), seed))
+  model = nnx.eval_shape(lambda: build_model(CONFIG))
+  assign_state(model, _random_state(model_state(model), seed))
   return model
 
 
@@ -58,7 +58,7 @@ def test_model_folder_round_trip_is_bitwise(model, model_dir):
   assert sorted(os.listdir(model_dir)) == ['model', 'model_config.json']
   loaded, config = checkpoint.load_model(model_dir)
   assert config == CONFIG
-  _assert_equal(checkpoint.model_state(loaded), checkpoint.model_state(model))
+  _assert_equal(model_state(loaded), model_state(model))
   assert loaded.vision_model.bn1.use_running_average  # eval mode
   assert loaded.text_pooling == 'masked' and loaded.vision_model.out_features == 4 * 2 * 4
 
@@ -66,7 +66,8 @@ def test_model_folder_round_trip_is_bitwise(model, model_dir):
 def test_model_config_json_round_trips_and_refuses_unknown_keys(model_dir):
   with open(os.path.join(model_dir, 'model_config.json')) as f:
     d = json.load(f)
-  assert d['resnet_stages'] == [1, 2] and d['bert_config']['hidden_size'] == 12
+  assert d['vision_config'] == {'type': 'resnet', 'stages': [1, 2], 'width': 4}
+  assert d['bert_config']['hidden_size'] == 12
   assert d['bert_type'] == 'some-org/some-bert' and d['caption'] == 'An eye with [CLS]'
   assert ModelConfig.from_dict(d) == CONFIG
   with pytest.raises(ValueError, match="unknown keys \\['proj_dims'\\]"):
@@ -78,7 +79,7 @@ def workdir(tmp_path_factory):
   """A trainer-style workdir: CheckpointManager steps 3 and 12, config on top."""
   wd = tmp_path_factory.mktemp('workdir')
   checkpoint.save_model_config(CONFIG, str(wd / 'model_config.json'))
-  states = {3: checkpoint.model_state(_model(3)), 12: checkpoint.model_state(_model(12))}
+  states = {3: model_state(_model(3)), 12: model_state(_model(12))}
   with ocp.CheckpointManager(str(wd / 'checkpoints')) as mngr:
     for step, state in states.items():
       mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(state),
@@ -158,12 +159,12 @@ def test_a_config_that_does_not_fit_the_state_is_refused(model_dir, tmp_path):
 
 
 def test_assign_state_names_every_mismatch(model):
-  state = dict(checkpoint.model_state(model))
+  state = dict(model_state(model))
   state['logit_scale'] = np.zeros((2,), np.float32)
   state['extra'] = np.zeros((1,), np.float32)
   del state['text_projection']
   with pytest.raises(ValueError) as e:
-    checkpoint.assign_state(model, state)
+    assign_state(model, state)
   msg = str(e.value)
   assert 'missing text_projection/projection/kernel' in msg
   assert 'unexpected extra' in msg

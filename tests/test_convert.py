@@ -19,11 +19,13 @@ import huggingface_hub  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from flair_jax import checkpoint, trees  # noqa: E402
-from flair_jax.checkpoint import ModelConfig  # noqa: E402
 from flair_jax.convert import (KeyMismatchError, from_torch_state, import_from_torch,  # noqa: E402
-                               load_hf_bert, load_torchvision_resnet, table, torch_io)
+                               load_hf_bert, load_vision_weights, table, torch_io)
+from flair_jax.convert.pretrained import read_bert_config  # noqa: E402
 from flair_jax.convert.__main__ import main  # noqa: E402
-from flair_jax.models import Bert, BertConfig, ResNet, flair_text_pool  # noqa: E402
+from flair_jax.models import (Bert, ModelConfig, ResNet, VisionConfig, build_model,  # noqa: E402
+                              factory, flair_text_pool)
+from flair_jax.models.state import abstract_model_state, assign_state, model_state  # noqa: E402
 
 from tests.conftest import DATA  # noqa: E402
 from tests.torch_flair import (TorchFLAIR, as_nchw, copy_bert, copy_flair, copy_resnet,  # noqa: E402
@@ -52,8 +54,8 @@ def _listing(folder):
 def _zeros(module_fn):
   """``module_fn()`` built abstractly, then zero-filled: no slow eager init."""
   module = nnx.eval_shape(module_fn)
-  like = checkpoint.model_state(module)
-  checkpoint.assign_state(module, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), like))
+  like = model_state(module)
+  assign_state(module, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), like))
   return module
 
 
@@ -91,13 +93,13 @@ def torch_flair(bert_dir):
 
 @pytest.fixture(scope='module')
 def config(bert_dir):
-  return ModelConfig(bert=BertConfig.from_pretrained(str(bert_dir)), bert_type=str(bert_dir),
-                     resnet_stages=LAYERS, proj_dim=PROJ_DIM, image_size=64)
+  return ModelConfig(bert=read_bert_config(str(bert_dir)), bert_type=str(bert_dir),
+                     vision=VisionConfig(stages=LAYERS), proj_dim=PROJ_DIM, image_size=64)
 
 
 @pytest.fixture(scope='module')
 def jax_flair(torch_flair, config):
-  model = _zeros(lambda: checkpoint.build_model(config))
+  model = _zeros(lambda: build_model(config))
   copy_flair(torch_flair, model)  # the tests' own, independent copy
   model.eval()
   return model
@@ -151,8 +153,8 @@ def _torch_logits(model, images_bhwc, tokens):
 
 
 def test_full_flair_export_has_exactly_the_pytorch_flair_keys_and_shapes():
-  like = checkpoint.abstract_model_state(ModelConfig())  # Bio_ClinicalBERT-shaped
-  ents = table.entries(table.FLAIR, trees.flatten(like))
+  like = abstract_model_state(ModelConfig())  # Bio_ClinicalBERT-shaped
+  ents = table.entries(factory.torch_rows(ModelConfig()), trees.flatten(like))
   got = {e.torch_key: (e.torch_shape, 'int64' if e.layout == table.COUNT else 'float32')
          for e in ents}
   want = {}
@@ -261,7 +263,7 @@ def test_round_trip_through_torch_is_bitwise(form, export_dir, ckpt_dir, bert_di
 def test_text_encoder_bundle_reads_back_as_the_text_tower(export_dir, jax_flair):
   cfg, state = load_hf_bert(os.path.join(export_dir, 'text_encoder'))
   assert cfg == jax_flair.text_model.config
-  _assert_state_equal(state, checkpoint.model_state(jax_flair.text_model))
+  _assert_state_equal(state, model_state(jax_flair.text_model))
 
 
 # ---------------------------------------------------------------- towers
@@ -280,12 +282,12 @@ def torchvision_resnet50(tmp):
 
 def test_torchvision_resnet50_converts_with_feature_parity(torchvision_resnet50, images_bhwc):
   tmodel, path = torchvision_resnet50
-  state = load_torchvision_resnet(path)
+  state = load_vision_weights(path, VisionConfig())
   ref = _zeros(lambda: ResNet(rngs=nnx.Rngs(0)))
   copy_resnet(tmodel, ref)
-  _assert_state_equal(state, checkpoint.model_state(ref))
+  _assert_state_equal(state, model_state(ref))
   resnet = nnx.eval_shape(lambda: ResNet(rngs=nnx.Rngs(0)))
-  checkpoint.assign_state(resnet, state)
+  assign_state(resnet, state)
   resnet.eval()
   x = images_bhwc[:1]
   got = np.asarray(resnet(jnp.asarray(x)))
@@ -308,7 +310,7 @@ def test_bf16_resnet_weights_become_float32(suffix, torchvision_resnet50, tmp):
   else:
     from safetensors.torch import save_file as torch_save_file
     torch_save_file(sd, path)
-  state = trees.flatten(load_torchvision_resnet(path))
+  state = trees.flatten(load_vision_weights(path, VisionConfig()))
   kernel = state['layer2/0/conv2/kernel']
   assert kernel.dtype == np.float32
   want = sd['layer2.0.conv2.weight'].float().numpy().transpose(2, 3, 1, 0)
@@ -322,7 +324,7 @@ def test_minilm_text_tower_matches_transformers():
   ref = np.load(DATA / 'minilm_reference_outputs.npz')
   cfg, state = load_hf_bert(minilm.get_model_path())  # carries embeddings.position_ids
   bert = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))
-  checkpoint.assign_state(bert, state)
+  assign_state(bert, state)
   ids, mask = jnp.asarray(ref['input_ids']), jnp.asarray(ref['attention_mask'])
   hidden, _ = bert(ids, mask)
   errs = {i: np.abs(np.asarray(hidden[i]) - ref[f'hidden_state_{i}']).max() for i in (0, 1, 2, 6)}
@@ -336,7 +338,7 @@ def test_hf_bert_prefix_heads_and_position_ids_are_handled(bert_dir, tmp):
   ref_torch = transformers.BertForPreTraining.from_pretrained(str(bert_dir)).bert
   ref = _zeros(lambda: Bert(cfg, rngs=nnx.Rngs(0)))
   copy_bert(ref_torch, ref)
-  _assert_state_equal(state, checkpoint.model_state(ref))
+  _assert_state_equal(state, model_state(ref))
   # Same weights, no prefix, as a .bin pickle with the old position_ids buffer.
   sd = dict(ref_torch.state_dict())
   sd['embeddings.position_ids'] = torch.arange(cfg.max_position_embeddings)[None]
@@ -532,3 +534,18 @@ def test_safetensors_paths_need_no_torch(ckpt_dir, bert_dir, tmp):
   assert 'flair.pth not written: PyTorch is not installed' in both
   assert '--format pth' in both
   _assert_state_equal(checkpoint.load_state(back)[0], checkpoint.load_state(ckpt_dir)[0])
+
+
+def test_an_unknown_hub_vision_type_is_refused_in_one_line(export_dir, bert_dir, tmp, capsys):
+  folder = tmp / 'vit_export'
+  folder.mkdir()
+  os.symlink(os.path.join(export_dir, 'model.safetensors'), folder / 'model.safetensors')
+  with open(os.path.join(export_dir, 'config.json')) as f:
+    hub = json.load(f)
+  (folder / 'config.json').write_text(json.dumps(hub | {'vision_type': 'vit_b_16'}))
+  assert main(['from-torch', '--input', str(folder), '--out', str(tmp / 'never_vit'),
+               '--bert-type', str(bert_dir)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("error: vision_type 'vit_b_16' is not supported; expected one of "
+                     "['resnet_v1', 'resnet_v2']")
+  assert not os.path.exists(tmp / 'never_vit')

@@ -14,7 +14,7 @@ from PIL import Image
 import flair_jax
 from data_pipelines.tokenizer import load_tokenizer
 from flair_jax.inference import FLAIRModel
-from flair_jax.models import FLAIR, BertConfig
+from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
 from tests import torch_flair
 
 SIZE = 61  # canvas side (prime)
@@ -54,8 +54,9 @@ def tiny_pair(seed=0):
   with torch.no_grad():
     tm.logit_scale.fill_(3.1)
   fields = BertConfig.__dataclass_fields__
-  build = lambda: FLAIR(BertConfig(**{k: v for k, v in cfg.items() if k in fields}),
-                        resnet_stages=STAGES, proj_dim=PROJ, rngs=nnx.Rngs(seed))
+  build = lambda: build_model(ModelConfig(
+      bert=BertConfig(**{k: v for k, v in cfg.items() if k in fields}),
+      vision=VisionConfig(stages=STAGES), proj_dim=PROJ), rngs=nnx.Rngs(seed))
   # Shapes only, then zeros that copy_flair overwrites: eager NNX
   # initialisation would compile every initialiser (many seconds).
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
@@ -178,10 +179,10 @@ def save_tiny_checkpoint(jm, tokenizer, directory):
   bert_dir = directory / 'bert'
   tokenizer.save_pretrained(bert_dir)
   (bert_dir / 'config.json').write_text(json.dumps(torch_flair.tiny_bert_config()))
-  config = checkpoint.ModelConfig(
+  config = ModelConfig(
       bert=BertConfig(**{k: v for k, v in torch_flair.tiny_bert_config().items()
                          if k in BertConfig.__dataclass_fields__}),
-      bert_type=str(bert_dir), resnet_stages=STAGES, proj_dim=PROJ, image_size=SIZE)
+      bert_type=str(bert_dir), vision=VisionConfig(stages=STAGES), proj_dim=PROJ, image_size=SIZE)
   return checkpoint.save_model(jm, config, str(directory / 'jax')), bert_dir
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flair_jax import preprocess
-from flair_jax.models import FLAIR, Bert, BertConfig, ResNet, flair_text_pool
+from flair_jax.convert.pretrained import read_bert_config
+from flair_jax.models import Bert, BertConfig, ModelConfig, ResNet, build_model, flair_text_pool
 from tests import torch_flair
 from tests.conftest import DATA
 
@@ -130,7 +131,7 @@ def minilm():
   path = str(g.get_model_path())
   tm = transformers.BertModel.from_pretrained(path).eval()
   tokenizer = transformers.BertTokenizer.from_pretrained(path)
-  cfg = BertConfig.from_pretrained(path)
+  cfg = read_bert_config(path)
   return path, tm, tokenizer, cfg
 
 
@@ -192,7 +193,7 @@ def test_two_tower_logits_on_real_photographs_match_torch_flair(fundus_dir, mini
                               layers=(3, 4, 6, 3), proj_dim=96).eval()
   tm.text_model.model.load_state_dict(tm_bert.state_dict())
   torch_flair.randomize_batchnorm(tm)
-  jm = FLAIR(cfg, proj_dim=96, rngs=nnx.Rngs(0))
+  jm = build_model(ModelConfig(bert=cfg, proj_dim=96), rngs=nnx.Rngs(0))
   torch_flair.copy_flair(tm, jm)
   jm.eval()
 

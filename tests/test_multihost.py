@@ -120,8 +120,8 @@ def test_two_processes_evaluate_and_export_on_process_zero(two_processes):
   from flair_jax.convert import flair_torch as convert_flair  # pylint: disable=g-import-not-at-top
   from flair_jax import checkpoint  # pylint: disable=g-import-not-at-top
   exported = load_file(str(workdir / 'export_torch' / 'model.safetensors'))
-  state, _ = checkpoint.load_state(str(workdir))
-  want = convert_flair.to_torch_state(state)  # the last checkpoint, read back independently
+  state, config = checkpoint.load_state(str(workdir))
+  want = convert_flair.to_torch_state(state, config)  # the last checkpoint, read back independently
   assert exported.keys() == want.keys()
   for k in want:
     np.testing.assert_array_equal(exported[k], want[k], err_msg=k)

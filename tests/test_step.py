@@ -11,7 +11,7 @@ from flax import nnx
 
 from flair_jax import parallel
 from flair_jax.training import optim, step as step_lib
-from flair_jax.models import FLAIR, BertConfig
+from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
 from tests import torch_flair
 
 BERT = torch_flair.tiny_bert_config()
@@ -21,8 +21,8 @@ IMAGE = 29
 
 
 def _tiny_model():
-  return FLAIR(BertConfig.from_dict(BERT), resnet_stages=(1, 1, 1, 1),
-               resnet_width=64, proj_dim=17, rngs=nnx.Rngs(0))
+  return build_model(ModelConfig(bert=BertConfig.from_dict(BERT), vision=VisionConfig(
+      stages=(1, 1, 1, 1), width=64), proj_dim=17), rngs=nnx.Rngs(0))
 
 
 def _batches(n, seed=0):

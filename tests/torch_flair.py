@@ -169,7 +169,7 @@ def copy_bert(tm: transformers.BertModel, jm) -> None:
 
 
 def copy_flair(tm: TorchFLAIR, jm) -> None:
-  """TorchFLAIR -> flair_jax FLAIR (in place)."""
+  """TorchFLAIR -> flair_jax FLAIRTowers (in place)."""
   copy_resnet(tm.vision_model.model, jm.vision_model)
   copy_bert(tm.text_model.model, jm.text_model)
   _linear(tm.vision_model.projection_head_vision.projection, jm.vision_projection.projection)

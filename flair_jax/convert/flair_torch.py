@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from typing import Mapping, Optional
 
 import numpy as np
@@ -22,17 +21,18 @@ import numpy as np
 from data_pipelines.console import UserError
 from data_pipelines.jsonio import write_json
 from flair_jax import checkpoint, trees
-from flair_jax.checkpoint import DEFAULT_BERT_TYPE, ModelConfig
 from flair_jax.convert import table, torch_io
 from flair_jax.convert.pretrained import read_bert_config
-from flair_jax.models import RESNET50_STAGES, BertConfig
+from flair_jax.models import DEFAULT_BERT_TYPE, BertConfig, ModelConfig, VisionConfig, factory
+from flair_jax.models.flair import TEXT_TORCH_PREFIX, TORCH_EXTRAS, VISION_TORCH_PREFIX
+from flair_jax.models.state import abstract_model_state
 
 FORMATS = ('hf', 'pth', 'both')
 PTH_FILE = 'flair.pth'
 HUB_CONFIG = 'config.json'
 TEXT_ENCODER = 'text_encoder'
-VISION_PREFIX = 'vision_model.model.'
-TEXT_PREFIX = 'text_model.model.'
+# PyTorch FLAIR's vision_type when config.json names none.
+DEFAULT_HUB_VISION_TYPE = 'resnet_v1'
 _log = logging.getLogger(__name__)
 
 
@@ -44,7 +44,8 @@ _BERT_SHAPE = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_
 
 def hub_config(config: ModelConfig, bert_type: str) -> dict:
   """``FLAIRModel`` constructor arguments, as ``config.json`` of the hub form."""
-  return dict(vision_type='resnet_v1', bert_type=bert_type, vision_pretrained=False,
+  vision_type = factory.vision_tower(config.vision).hub_types[0]
+  return dict(vision_type=vision_type, bert_type=bert_type, vision_pretrained=False,
               proj_dim=config.proj_dim, proj_bias=False,
               logit_scale_init_value=config.logit_scale_init_value,
               from_checkpoint=False, weights_path=None, out_path=None,
@@ -52,10 +53,11 @@ def hub_config(config: ModelConfig, bert_type: str) -> dict:
               projection=config.projection, norm_features=config.norm)
 
 
-def to_torch_state(state: Mapping) -> dict:
-  """Nested flair_jax model state -> PyTorch FLAIR state dict (NumPy)."""
+def to_torch_state(state: Mapping, config: ModelConfig) -> dict:
+  """Nested flair_jax model state of ``config``'s towers -> PyTorch FLAIR
+  state dict (NumPy)."""
   flat = {k: np.asarray(v) for k, v in trees.flatten(state).items()}
-  return table.to_torch(table.FLAIR, flat)
+  return table.to_torch(factory.torch_rows(config), flat)
 
 
 def from_torch_state(sd: Mapping, config: ModelConfig, what: str = 'FLAIR state dict') -> dict:
@@ -64,47 +66,43 @@ def from_torch_state(sd: Mapping, config: ModelConfig, what: str = 'FLAIR state 
   Raises:
     table.KeyMismatchError: naming every missing, unexpected, mis-shaped key.
   """
-  like = checkpoint.abstract_model_state(config)
-  flat = table.from_torch(table.FLAIR, trees.flatten(like), sd, table.FLAIR_EXTRAS, what)
+  like = abstract_model_state(config)
+  flat = table.from_torch(factory.torch_rows(config), trees.flatten(like), sd, TORCH_EXTRAS,
+                          what)
   return trees.unflatten(flat, like)
 
 
-def _resnet_stages(sd) -> tuple:
-  stages = []
-  while True:
-    pattern = re.compile(rf'{re.escape(VISION_PREFIX)}layer{len(stages) + 1}\.(\d+)\.')
-    blocks = [int(m.group(1)) for m in map(pattern.match, sd) if m]
-    if not blocks:
-      return tuple(stages) or RESNET50_STAGES
-    stages.append(max(blocks) + 1)
+def vision_config_from_torch(sd: Mapping, hub_vision_type: str) -> VisionConfig:
+  """The image tower of a PyTorch FLAIR state dict: its type from the hub
+  config's ``vision_type``, its shape from the weights."""
+  vision_type = factory.vision_type_of_hub(hub_vision_type)
+  tower = factory.VISION_TOWERS[vision_type]
+  shapes = {k[len(VISION_TORCH_PREFIX):]: tuple(np.shape(v)) for k, v in sd.items()
+            if k.startswith(VISION_TORCH_PREFIX)}
+  return VisionConfig(type=vision_type, **tower.shape_from_torch(shapes))
 
 
 def config_from_torch(sd: Mapping, bert: BertConfig, bert_type: str,
                       hub: Optional[Mapping] = None) -> ModelConfig:
   """The flair_jax config of a PyTorch FLAIR state dict and its hub config.
 
-  The ResNet's stages and width and ``proj_dim`` are read from the weights
-  (the original always builds ResNet-50), the rest from ``hub``.
+  The image tower's shape and ``proj_dim`` are read from the weights (the
+  original always builds ResNet-50), the rest from ``hub``.
   """
   hub = dict(hub or {})
-  if hub.get('vision_type', 'resnet_v1') not in ('resnet_v1', 'resnet_v2'):
-    raise ValueError(f"vision_type {hub['vision_type']!r} is not supported; expected a ResNet "
-                     "('resnet_v1' or 'resnet_v2')")
   if hub.get('proj_bias'):
     raise ValueError('proj_bias true is not supported: FLAIR projections have no bias')
-  conv1 = sd.get(VISION_PREFIX + 'conv1.weight')
+  vision = vision_config_from_torch(sd, hub.get('vision_type', DEFAULT_HUB_VISION_TYPE))
   proj = sd.get('vision_model.projection_head_vision.projection.weight')
-  stages = _resnet_stages(sd)
-  if stages != RESNET50_STAGES:
-    _log.warning('the image tower is a ResNet with stages %s, not ResNet-50', stages)
+  if vision != VisionConfig():
+    _log.warning("the image tower is %s, not PyTorch FLAIR's ResNet-50", vision.describe())
   return ModelConfig(
-      bert=bert, bert_type=bert_type, resnet_stages=stages,
-      resnet_width=int(np.shape(conv1)[0]) if conv1 is not None else 64,
+      bert=bert, bert_type=bert_type, vision=vision,
       proj_dim=int(hub.get('proj_dim') or (np.shape(proj)[0] if proj is not None else 512)),
       projection=bool(hub.get('projection', True)), norm=bool(hub.get('norm_features', True)),
       logit_scale_init_value=float(hub.get('logit_scale_init_value', 0.07)),
       image_size=int(hub.get('image_size', 512)),
-      caption=hub.get('caption', checkpoint.DEFAULT_CAPTION))
+      caption=hub.get('caption', ModelConfig.caption))
 
 
 def read_torch_flair(path: str, bert_type: Optional[str] = None) -> tuple:
@@ -158,15 +156,14 @@ def _check_bert_type(bert_type: str, bert: BertConfig) -> None:
 
 
 def _has_flair_shapes(config: ModelConfig) -> bool:
-  return (config.resnet_stages, config.resnet_width, config.bert.hidden_size) == (
-      RESNET50_STAGES, 64, 768)
+  return config.vision == VisionConfig() and config.bert.hidden_size == 768
 
 
 def _warn_if_not_flair_shape(config: ModelConfig) -> None:
   if not _has_flair_shapes(config):
     _log.warning('PyTorch FLAIRModel builds ResNet-50 and a 768-wide text projection; this '
-                    'export (stages %s, width %d, text hidden %d) loads only into a model of its '
-                    'own shape', config.resnet_stages, config.resnet_width, config.bert.hidden_size)
+                 'export (%s, text hidden %d) loads only into a model of its own shape',
+                 config.vision.describe(), config.bert.hidden_size)
   if config.text_pooling != 'flair':
     _log.warning("text_pooling is %r; PyTorch FLAIR pools as 'flair'", config.text_pooling)
 
@@ -219,14 +216,14 @@ def export_state(state: Mapping, config: ModelConfig, out: str, fmt: str = 'hf',
 
   Args:
     state: nested model state (parameters and BatchNorm statistics), host or
-      device arrays, as :func:`flair_jax.checkpoint.model_state`.
+      device arrays, as :func:`flair_jax.models.state.model_state`.
     config: its model config.
     source: the checkpoint named in the hint when ``flair.pth`` is skipped.
     others: as :func:`export_to_torch`.
   """
   _check_format(fmt)
   with_pth = _pth_wanted(fmt, source)
-  sd = to_torch_state(state)
+  sd = to_torch_state(state, config)
   bert_type = bert_type or config.bert_type
   _warn_if_not_flair_shape(config)
   out = os.path.abspath(os.path.expanduser(out))
@@ -253,7 +250,7 @@ def export_state(state: Mapping, config: ModelConfig, out: str, fmt: str = 'hf',
       write_json(os.path.join(text_dir, 'config.json'), bert_json)
       torch_io.write_safetensors(
           os.path.join(text_dir, torch_io.SAFETENSORS),
-          {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)})
+          {k[len(TEXT_TORCH_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_TORCH_PREFIX)})
   return out
 
 
@@ -271,6 +268,5 @@ def describe_export(config: ModelConfig) -> str:
     return (f'{layout}); PyTorch FLAIR\'s FLAIRModel loads it unchanged '
             '(FLAIRModel.from_pretrained(folder))')
   return (f'{layout}); FLAIRModel loads it unchanged only for FLAIR\'s shapes (ResNet-50, '
-          f'768-wide BERT); these towers (ResNet stages {list(config.resnet_stages)}, width '
-          f'{config.resnet_width}, text hidden {config.bert.hidden_size}) load into a module '
-          'of their own shape')
+          f'768-wide BERT); these towers ({config.vision.describe()}, text hidden '
+          f'{config.bert.hidden_size}) load into a module of their own shape')

@@ -1,8 +1,9 @@
-"""Initial tower weights for pre-training: torchvision ResNet, Hugging Face BERT.
+"""Initial tower weights for pre-training: an image tower's own PyTorch
+checkpoint (torchvision ResNet), a Hugging Face BERT.
 
 Both return a nested state dict (NumPy arrays, keyed like
 ``nnx.to_pure_dict``) for one tower; write it into a model with
-``flair_jax.checkpoint.assign_state(model.vision_model, state)`` (or
+``flair_jax.models.state.assign_state(model.vision_model, state)`` (or
 ``model.text_model``).
 """
 
@@ -10,39 +11,40 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
 
 from flax import nnx
 
 from flair_jax import trees
-from flair_jax.checkpoint import abstract_state
 from flair_jax.convert import table, torch_io
-from flair_jax.models import RESNET50_STAGES, Bert, BertConfig, ResNet
+from flair_jax.models import bert as bert_lib
+from flair_jax.models.factory import build_vision, vision_tower
+from flair_jax.models.config import VisionConfig
+from flair_jax.models.state import abstract_state
 
 BERT_PREFIX = 'bert.'
 HEADS_PREFIX = 'cls.'  # BertForPreTraining / BertForMaskedLM heads
 
 
-def _convert(tbl, module_fn, sd, extras, what):
+def _convert(rows, module_fn, sd, extras, what):
   like = abstract_state(module_fn)
-  flat = table.from_torch(tbl, trees.flatten(like), sd, extras, what)
+  flat = table.from_torch(rows, trees.flatten(like), sd, extras, what)
   return trees.unflatten(flat, like)
 
 
-def load_torchvision_resnet(path: str, stages: Sequence[int] = RESNET50_STAGES,
-                            width: int = 64) -> dict:
-  """Image tower state from a torchvision ResNet state dict file.
+def load_vision_weights(path: str, config: VisionConfig) -> dict:
+  """Image tower state from the tower's own PyTorch state dict file.
 
   Args:
-    path: ``.pth`` (e.g. torchvision's ``resnet50-11ad3fa6.pth``) or
-      ``.safetensors``; the ``fc`` classifier is dropped.
-    stages, width: the ResNet's shape (ResNet-50 by default).
+    path: ``.pth`` or ``.safetensors``; for a ResNet, torchvision's (e.g.
+      ``resnet50-11ad3fa6.pth``), whose ``fc`` classifier is dropped.
+    config: the tower's shape (ResNet-50 for ``VisionConfig()``).
   Returns:
-    Nested state of :class:`flair_jax.models.ResNet`.
+    Nested state of the tower ``models.factory.build_vision(config)`` builds.
   """
+  tower = vision_tower(config)
   sd = torch_io.read_state_dict(path)
-  return _convert(table.RESNET, lambda: ResNet(stages, width, rngs=nnx.Rngs(0)), sd,
-                  table.RESNET_EXTRAS, f'ResNet weights {path}')
+  return _convert(tower.torch_rows, lambda: build_vision(config, rngs=nnx.Rngs(0)), sd,
+                  tower.torch_extras, f'{config.type} weights {path}')
 
 
 def bert_state_dict(sd: dict) -> dict:
@@ -51,7 +53,7 @@ def bert_state_dict(sd: dict) -> dict:
           for k, v in sd.items() if not k.startswith(HEADS_PREFIX)}
 
 
-def read_bert_config(folder: str) -> BertConfig:
+def read_bert_config(folder: str) -> bert_lib.BertConfig:
   """``BertConfig`` of a Hugging Face folder; refuses other model types."""
   path = os.path.join(folder, 'config.json')
   if not os.path.isfile(path):
@@ -60,7 +62,7 @@ def read_bert_config(folder: str) -> BertConfig:
     d = json.load(f)
   if d.get('model_type', 'bert') != 'bert':
     raise ValueError(f'{path}: model_type {d["model_type"]!r} is not supported; expected "bert"')
-  return BertConfig.from_dict(d)
+  return bert_lib.BertConfig.from_dict(d)
 
 
 def load_hf_bert(name_or_path: str) -> tuple:
@@ -76,6 +78,6 @@ def load_hf_bert(name_or_path: str) -> tuple:
   folder = torch_io.resolve_hf_folder(name_or_path)
   cfg = read_bert_config(folder)
   sd = bert_state_dict(torch_io.read_hf_weights(folder))
-  state = _convert(table.BERT, lambda: Bert(cfg, rngs=nnx.Rngs(0)), sd,
-                   table.BERT_EXTRAS, f'BERT weights in {folder}')
+  state = _convert(bert_lib.TORCH_ROWS, lambda: bert_lib.Bert(cfg, rngs=nnx.Rngs(0)), sd,
+                   bert_lib.TORCH_EXTRAS, f'BERT weights in {folder}')
   return cfg, state

@@ -1,11 +1,10 @@
-"""The one table between PyTorch state-dict keys and flair_jax NNX paths.
+"""Conversion between PyTorch state dicts and flair_jax NNX state, driven by
+the key tables the towers declare (``flair_jax.models.torch_keys`` describes
+their rows; ``models.factory.torch_rows`` assembles the FLAIR one).
 
-Each row pairs a PyTorch module name with an NNX module path and a module
-kind; a kind lists its leaves and their layout change. ``{s}``, ``{b}``,
-``{k}`` and ``{l}`` stand for integer indices. Both directions read the same
-rows: :func:`to_torch` maps NNX state to a PyTorch state dict and
-:func:`from_torch` maps back, after checking that the key set and every
-shape are exactly those the model needs.
+Both directions read the same rows: :func:`to_torch` maps NNX state to a
+PyTorch state dict and :func:`from_torch` maps back, after checking that the
+key set and every shape are exactly those the model needs.
 
 NNX paths are ``'/'``-joined (``vision_model/layer1/0/conv1/kernel``); state
 is handled as flat ``{path: array}`` dicts of NumPy arrays.
@@ -20,68 +19,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from data_pipelines.console import UserError
-
-# Layouts: how one leaf changes between the frameworks.
-COPY = 'copy'        # same array, float32
-CONV = 'conv'        # torch OIHW <-> NNX HWIO
-LINEAR = 'linear'    # torch (out, in) <-> NNX (in, out)
-COUNT = 'count'      # BatchNorm num_batches_tracked: torch int64 <-> NNX int32
-
-# Leaves of each module kind: (PyTorch leaf, NNX leaf, layout).
-KINDS = {
-    'param': (('', '', COPY),),
-    'conv': (('weight', 'kernel', CONV),),
-    'batchnorm': (('weight', 'scale', COPY), ('bias', 'bias', COPY),
-                  ('running_mean', 'mean', COPY), ('running_var', 'var', COPY),
-                  ('num_batches_tracked', 'num_batches_tracked', COUNT)),
-    'linear': (('weight', 'kernel', LINEAR), ('bias', 'bias', COPY)),  # bias if present
-    'layernorm': (('weight', 'scale', COPY), ('bias', 'bias', COPY)),
-    'embedding': (('weight', 'embedding', COPY),),
-}
-
-# torchvision ResNet (``fc`` excluded) <-> flair_jax.models.ResNet.
-RESNET = (
-    ('conv1', 'conv1', 'conv'),
-    ('bn1', 'bn1', 'batchnorm'),
-    ('layer{s}.{b}.conv{k}', 'layer{s}/{b}/conv{k}', 'conv'),
-    ('layer{s}.{b}.bn{k}', 'layer{s}/{b}/bn{k}', 'batchnorm'),
-    ('layer{s}.{b}.downsample.0', 'layer{s}/{b}/downsample/conv', 'conv'),
-    ('layer{s}.{b}.downsample.1', 'layer{s}/{b}/downsample/bn', 'batchnorm'),
-)
-
-# transformers BertModel <-> flair_jax.models.Bert.
-BERT = (
-    ('embeddings.word_embeddings', 'embeddings/word', 'embedding'),
-    ('embeddings.position_embeddings', 'embeddings/position', 'embedding'),
-    ('embeddings.token_type_embeddings', 'embeddings/token_type', 'embedding'),
-    ('embeddings.LayerNorm', 'embeddings/norm', 'layernorm'),
-    ('encoder.layer.{l}.attention.self.query', 'layers/{l}/query', 'linear'),
-    ('encoder.layer.{l}.attention.self.key', 'layers/{l}/key', 'linear'),
-    ('encoder.layer.{l}.attention.self.value', 'layers/{l}/value', 'linear'),
-    ('encoder.layer.{l}.attention.output.dense', 'layers/{l}/attn_out', 'linear'),
-    ('encoder.layer.{l}.attention.output.LayerNorm', 'layers/{l}/attn_norm', 'layernorm'),
-    ('encoder.layer.{l}.intermediate.dense', 'layers/{l}/intermediate', 'linear'),
-    ('encoder.layer.{l}.output.dense', 'layers/{l}/output', 'linear'),
-    ('encoder.layer.{l}.output.LayerNorm', 'layers/{l}/out_norm', 'layernorm'),
-    ('pooler.dense', 'pooler', 'linear'),
-)
-
-# PyTorch FLAIRModel <-> flair_jax.models.FLAIR. A tuple in the third column
-# is a sub-table whose names are prefixed by the first two.
-FLAIR = (
-    ('vision_model.model.', 'vision_model/', RESNET),
-    ('vision_model.projection_head_vision.projection', 'vision_projection/projection', 'linear'),
-    ('text_model.model.', 'text_model/', BERT),
-    ('text_model.projection_head_text.projection', 'text_projection/projection', 'linear'),
-    ('logit_scale', 'logit_scale', 'param'),
-)
-
-# PyTorch keys accepted on import and dropped, by table. Nothing else is.
-# Buffers saved by transformers < 4.31 (recomputed, carry no weights):
-BERT_EXTRAS = ('embeddings.position_ids',)
-FLAIR_EXTRAS = ('text_model.model.embeddings.position_ids',)
-# The ImageNet classifier of a torchvision ResNet-50 (FLAIR replaces it):
-RESNET_EXTRAS = ('fc.weight', 'fc.bias')
+from flair_jax import trees
+from flair_jax.models.torch_keys import CONV, COUNT, KINDS, LINEAR
 
 
 class KeyMismatchError(UserError, ValueError):
@@ -136,7 +75,8 @@ def entries(table, abstract: Mapping[str, object]) -> list:
   """The table's entries for a model whose NNX leaves are ``abstract``.
 
   Args:
-    table: e.g. :data:`FLAIR`, :data:`RESNET` or :data:`BERT`.
+    table: rows, e.g. ``models.factory.torch_rows(config)`` or a tower's
+      ``TORCH_ROWS``.
     abstract: flat ``{nnx_path: array or ShapeDtypeStruct}`` of the model.
   Returns:
     One :class:`Entry` per NNX leaf, in the order of ``abstract``.
@@ -182,15 +122,12 @@ def check_keys(table, abstract: Mapping[str, object], sd: Mapping[str, object],
   """
   extras = tuple(extras)
   ents = entries(table, abstract)
-  expected = {e.torch_key: e for e in ents}
-  missing = [k for k in expected if k not in sd]
-  unexpected = sorted(k for k in sd if k not in expected and k not in set(extras))
-  misshaped = [f'{k} {tuple(np.shape(sd[k]))} (expected {e.torch_shape})'
-               for k, e in expected.items()
-               if k in sd and tuple(np.shape(sd[k])) != e.torch_shape]
+  found = trees.mismatches(
+      {e.torch_key: e.torch_shape for e in ents}, {k: tuple(np.shape(v)) for k, v in sd.items()},
+      describe=lambda k, shape, want: f'{k} {shape} (expected {want})', ignore=extras)
   problems = []
-  for label, keys in (('missing', missing), ('unexpected', unexpected),
-                      ('mis-shaped', misshaped)):
+  for label, keys in (('missing', found.missing), ('unexpected', sorted(found.unexpected)),
+                      ('mis-shaped', found.differing)):
     if keys:
       problems.append(f'{len(keys)} {label} key(s): ' + ', '.join(keys))
   if problems:

@@ -9,9 +9,7 @@ Dropout is applied only when a ``dropout_key`` is passed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Optional
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flair_jax.models.layers import LayerNorm, Linear
+from flair_jax.models.torch_keys import Row
 
 _ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
@@ -60,14 +59,6 @@ class BertConfig:
                        f"{d['position_embedding_type']!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names and v is not None})
-
-  @classmethod
-  def from_pretrained(cls, path: str) -> 'BertConfig':
-    """Reads ``config.json`` from a folder, or the file itself."""
-    if os.path.isdir(path):
-      path = os.path.join(path, 'config.json')
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -203,3 +194,23 @@ class Bert(nnx.Module):
     if with_pooler:
       pooled = jnp.tanh(self.pooler(x[:, 0]).astype(jnp.float32))
     return tuple(hidden_states), pooled
+
+
+# transformers BertModel <-> Bert.
+TORCH_ROWS = (
+    Row('embeddings.word_embeddings', 'embeddings/word', 'embedding'),
+    Row('embeddings.position_embeddings', 'embeddings/position', 'embedding'),
+    Row('embeddings.token_type_embeddings', 'embeddings/token_type', 'embedding'),
+    Row('embeddings.LayerNorm', 'embeddings/norm', 'layernorm'),
+    Row('encoder.layer.{l}.attention.self.query', 'layers/{l}/query', 'linear'),
+    Row('encoder.layer.{l}.attention.self.key', 'layers/{l}/key', 'linear'),
+    Row('encoder.layer.{l}.attention.self.value', 'layers/{l}/value', 'linear'),
+    Row('encoder.layer.{l}.attention.output.dense', 'layers/{l}/attn_out', 'linear'),
+    Row('encoder.layer.{l}.attention.output.LayerNorm', 'layers/{l}/attn_norm', 'layernorm'),
+    Row('encoder.layer.{l}.intermediate.dense', 'layers/{l}/intermediate', 'linear'),
+    Row('encoder.layer.{l}.output.dense', 'layers/{l}/output', 'linear'),
+    Row('encoder.layer.{l}.output.LayerNorm', 'layers/{l}/out_norm', 'layernorm'),
+    Row('pooler.dense', 'pooler', 'linear'),
+)
+# A buffer saved by transformers < 4.31 (recomputed, carries no weights).
+TORCH_EXTRAS = ('embeddings.position_ids',)

@@ -1,19 +1,21 @@
-"""The FLAIR two-tower model: ResNet image tower, BERT text tower, projection
-heads and the learnt temperature, with PyTorch FLAIR's exact pooling.
+"""The FLAIR two-tower model: an image tower, the BERT text tower, projection
+heads and the learnt temperature, with PyTorch FLAIR's exact pooling; and its
+PyTorch key table, assembled from the towers' own.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flair_jax.models import bert as bert_lib
 from flair_jax.models.bert import Bert, BertConfig
 from flair_jax.models.layers import Linear
-from flair_jax.models.resnet import RESNET50_STAGES, ResNet
+from flair_jax.models.torch_keys import Row
 
 LOGIT_SCALE_MAX = 4.6052  # FLAIR clamps the log-temperature into [0, ln 100].
 TEXT_POOLINGS = ('flair', 'masked')
@@ -84,12 +86,14 @@ class ProjectionHead(nnx.Module):
     return x
 
 
-class FLAIR(nnx.Module):
+class FLAIRTowers(nnx.Module):
   """Image and text towers with projections and a learnt temperature.
 
   Args:
+    vision_model: the image tower, built (with ``rngs``, before this) by
+      ``flair_jax.models.build_model``: a module mapping ``[B, H, W, 3]``
+      images to ``[B, vision_model.out_features]`` features.
     bert_config: shape of the text tower.
-    resnet_stages, resnet_width: shape of the image tower (ResNet-50 default).
     proj_dim: joint embedding size.
     projection, norm: FLAIR's ``projection`` / ``norm_features`` switches.
     text_pooling: ``'flair'`` (the original) or ``'masked'``.
@@ -97,14 +101,13 @@ class FLAIR(nnx.Module):
     dtype: compute dtype of both towers (parameters stay float32).
   """
 
-  def __init__(self, bert_config: BertConfig, *,
-               resnet_stages: Sequence[int] = RESNET50_STAGES, resnet_width: int = 64,
+  def __init__(self, vision_model: nnx.Module, bert_config: BertConfig, *,
                proj_dim: int = 512, projection: bool = True, norm: bool = True,
                text_pooling: str = 'flair', logit_scale_init_value: float = 0.07,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if text_pooling not in TEXT_POOLINGS:
       raise ValueError(f'text_pooling {text_pooling!r} unknown; expected one of {TEXT_POOLINGS}')
-    self.vision_model = ResNet(resnet_stages, resnet_width, dtype=dtype, rngs=rngs)
+    self.vision_model = vision_model
     self.vision_projection = ProjectionHead(
         self.vision_model.out_features, proj_dim, projection=projection, norm=norm,
         dtype=dtype, rngs=rngs)
@@ -116,7 +119,7 @@ class FLAIR(nnx.Module):
     self.text_pooling = text_pooling
 
   def image_features(self, images_bhwc):
-    """Un-projected image features ``[B, 2048]`` from float RGB in [0, 1]."""
+    """Un-projected image features ``[B, out_features]`` from float RGB in [0, 1]."""
     return self.vision_model(images_bhwc)
 
   def encode_image(self, images_bhwc):
@@ -149,3 +152,21 @@ class FLAIR(nnx.Module):
     img_bd = self.encode_image(images_bhwc)
     txt_bd = self.encode_text(input_ids_bl, attention_mask_bl, dropout_key=dropout_key)
     return img_bd, txt_bd, clamp_logit_scale(self.logit_scale[...])
+
+
+VISION_TORCH_PREFIX = 'vision_model.model.'
+TEXT_TORCH_PREFIX = 'text_model.model.'
+# PyTorch keys accepted on import and dropped: the text tower's own.
+TORCH_EXTRAS = tuple(TEXT_TORCH_PREFIX + k for k in bert_lib.TORCH_EXTRAS)
+
+
+def torch_rows(vision_rows: tuple) -> tuple:
+  """PyTorch FLAIRModel <-> FLAIRTowers, for an image tower of ``vision_rows``."""
+  return (
+      Row(VISION_TORCH_PREFIX, 'vision_model/', vision_rows),
+      Row('vision_model.projection_head_vision.projection', 'vision_projection/projection',
+          'linear'),
+      Row(TEXT_TORCH_PREFIX, 'text_model/', bert_lib.TORCH_ROWS),
+      Row('text_model.projection_head_text.projection', 'text_projection/projection', 'linear'),
+      Row('logit_scale', 'logit_scale', 'param'),
+  )

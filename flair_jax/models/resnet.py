@@ -1,21 +1,24 @@
 """torchvision's ResNet (v1.5 bottlenecks) in Flax NNX.
 
 Attribute names follow torchvision (``conv1``, ``bn1``, ``layer1[0].conv2``,
-``downsample.conv``/``downsample.bn``) so that the weight-conversion table is a
-plain renaming. ``ResNet()`` with the defaults is ``torchvision.models.resnet50``
+``downsample.conv``/``downsample.bn``) so that the weight-conversion table
+(:data:`TORCH_ROWS`) is a plain renaming. ``ResNet()`` with the defaults is ``torchvision.models.resnet50``
 without its classifier: the output is the 2048-d global-average-pooled
 feature.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from flair_jax.models.layers import BatchNorm, Conv2d
+from flair_jax.models.torch_keys import Row
+from flair_jax.models.tower import VisionTower
 
 RESNET50_STAGES = (3, 4, 6, 3)
 EXPANSION = 4
@@ -96,3 +99,43 @@ class ResNet(nnx.Module):
       for block in getattr(self, f'layer{i + 1}'):
         x = block(x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+# torchvision ResNet (``fc`` excluded) <-> ResNet.
+TORCH_ROWS = (
+    Row('conv1', 'conv1', 'conv'),
+    Row('bn1', 'bn1', 'batchnorm'),
+    Row('layer{s}.{b}.conv{k}', 'layer{s}/{b}/conv{k}', 'conv'),
+    Row('layer{s}.{b}.bn{k}', 'layer{s}/{b}/bn{k}', 'batchnorm'),
+    Row('layer{s}.{b}.downsample.0', 'layer{s}/{b}/downsample/conv', 'conv'),
+    Row('layer{s}.{b}.downsample.1', 'layer{s}/{b}/downsample/bn', 'batchnorm'),
+)
+# The ImageNet classifier of a torchvision ResNet-50 (FLAIR replaces it).
+TORCH_EXTRAS = ('fc.weight', 'fc.bias')
+
+
+def build(config, *, dtype, rngs: nnx.Rngs) -> ResNet:
+  """The ResNet of a ``VisionConfig`` (its ``stages`` and ``width``)."""
+  return ResNet(config.stages, config.width, dtype=dtype, rngs=rngs)
+
+
+def shape_from_torch(shapes: Mapping[str, tuple]) -> dict:
+  """``stages`` and ``width`` of a torchvision ResNet state dict's shapes.
+
+  A state dict without stage or stem keys gets ResNet-50's.
+  """
+  stages = []
+  while True:
+    pattern = re.compile(rf'layer{len(stages) + 1}\.(\d+)\.')
+    blocks = [int(m.group(1)) for m in map(pattern.match, shapes) if m]
+    if not blocks:
+      break
+    stages.append(max(blocks) + 1)
+  conv1 = shapes.get('conv1.weight')
+  return dict(stages=tuple(stages) or RESNET50_STAGES,
+              width=int(conv1[0]) if conv1 is not None else 64)
+
+
+# PyTorch FLAIR names its ImageNet ResNet-50 variants resnet_v1 and resnet_v2.
+TOWER = VisionTower(build=build, torch_rows=TORCH_ROWS, torch_extras=TORCH_EXTRAS,
+                    hub_types=('resnet_v1', 'resnet_v2'), shape_from_torch=shape_from_torch)

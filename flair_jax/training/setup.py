@@ -20,10 +20,10 @@ from data_pipelines import categories as categories_lib
 from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.console import UserError
-from flair_jax import checkpoint
 from flair_jax.training import optim
 from flair_jax.convert import pretrained
-from flair_jax.models import BertConfig
+from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
+from flair_jax.models.state import assign_state
 
 logger = logging.getLogger(__name__)
 
@@ -137,33 +137,33 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: st
     bert, bert_state = pretrained.load_hf_bert(cfg.model.bert_type)
   else:
     bert = BertConfig.from_dict(dict(cfg.model.bert) | {'vocab_size': len(tokenizer)})
-  mc = checkpoint.ModelConfig(
+  config = ModelConfig(
       bert=bert, bert_type=os.path.abspath(tokenizer_folder) if not cfg.model.bert_type
       else tokenizer_folder,
-      resnet_stages=tuple(cfg.model.resnet_stages), resnet_width=cfg.model.resnet_width,
+      vision=VisionConfig(stages=tuple(cfg.model.resnet_stages), width=cfg.model.resnet_width),
       proj_dim=cfg.model.proj_dim, text_pooling=cfg.model.text_pooling,
       image_size=cfg.model.image_size)
-  return mc, bert_state
+  return config, bert_state
 
 
 def init_model(mc, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
   """The model, initialised by one jitted function with its state born on
   ``sharding``; then the pre-trained towers named in the config."""
   seed = cfg.seed
-  abstract = nnx.eval_shape(lambda: checkpoint.build_model(mc, dtype, nnx.Rngs(seed)))
+  abstract = nnx.eval_shape(lambda: build_model(mc, dtype, nnx.Rngs(seed)))
   graphdef = nnx.graphdef(abstract)
-  init = jax.jit(lambda: nnx.state(checkpoint.build_model(mc, dtype, nnx.Rngs(seed))),
+  init = jax.jit(lambda: nnx.state(build_model(mc, dtype, nnx.Rngs(seed))),
                  out_shardings=sharding)
   model = nnx.merge(graphdef, init())
-  if not cfg.model.resnet_weights and tuple(mc.resnet_stages) == (3, 4, 6, 3):
+  if not cfg.model.resnet_weights and mc.vision.stages == (3, 4, 6, 3):
     logger.warning('the ResNet-50 image tower starts from random weights; FLAIR starts from '
                    'ImageNet: pass --config.model.resnet_weights=<torchvision IMAGENET1K_V2 .pth>')
   if cfg.model.resnet_weights:
-    checkpoint.assign_state(model.vision_model, pretrained.load_torchvision_resnet(
-        cfg.model.resnet_weights, mc.resnet_stages, mc.resnet_width))
+    assign_state(model.vision_model,
+                 pretrained.load_vision_weights(cfg.model.resnet_weights, mc.vision))
     logger.info('image tower from %s', cfg.model.resnet_weights)
   if bert_state is not None:
-    checkpoint.assign_state(model.text_model, bert_state)
+    assign_state(model.text_model, bert_state)
     logger.info('text tower from %s', cfg.model.bert_type)
   return model
 
