@@ -4,10 +4,11 @@ tokenizer, the model (initialised, born sharded), the optimiser and schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,10 @@ from data_pipelines import build as build_lib
 from data_pipelines import captions as captions_lib
 from data_pipelines import categories as categories_lib
 from data_pipelines import knowledge as knowledge_lib
+from data_pipelines import pipeline
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.console import UserError
-from flair_jax import checkpoint
+from flair_jax import checkpoint, parallel
 from flair_jax.training import optim
 from flair_jax.convert import pretrained
 from flair_jax.models import BertConfig
@@ -124,6 +126,64 @@ def check_datasets(expected, counts: dict, data_path: str) -> None:
   if missing:
     logger.warning('%d of the %d configured datasets are not in the built set: %s',
                    len(missing), len(expected), missing)
+
+
+@dataclasses.dataclass
+class TrainingData:
+  """The pre-training input of a run.
+
+  Attributes:
+    path: version folder of the built dataset.
+    sources: random-access sources of its ``train`` split.
+    tokenizer: the caption tokenizer.
+    tokenizer_folder: where it was loaded from (a folder or a hub name).
+    iterator: the grain iterator of this process's share of each batch.
+    steps_per_epoch: PyTorch FLAIR's ``len(DataLoader)``:
+      ``ceil(epoch length / batch size)``.
+    total_steps: ``train.epochs`` epochs of steps.
+  """
+  path: str
+  sources: list
+  tokenizer: Any
+  tokenizer_folder: str
+  iterator: Any
+  steps_per_epoch: int
+  total_steps: int
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, workdir: str) -> 'TrainingData':
+    """Opens (building what is missing) the data and tokenizer ``cfg`` names.
+
+    Process 0 builds what is missing (synthetic set, vocabulary) while the
+    other processes wait, then they open it.
+
+    Raises:
+      DataNotFoundError: the configured data is not built.
+      ConfigError: the data holds datasets outside ``data.datasets``.
+    """
+    def open_input():
+      path = prepare_data(cfg.data, workdir)
+      sources = train_sources(path)
+      return (path, sources) + prepare_tokenizer(cfg, workdir, sources)
+
+    opened = parallel.on_main_process(open_input, 'the data and tokenizer build')
+    path, sources, tokenizer, tokenizer_folder = (
+        opened if parallel.is_main_process() else open_input())
+    iterator = pipeline.make_pretraining_iterator(
+        sources, batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
+        tokenizer=tokenizer, knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
+        sampling=cfg.data.sampling, epoch_length=cfg.data.epoch_length or None,
+        worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads)
+    check_datasets(cfg.data.datasets, iterator.index.counts(), path)
+    epoch_length = cfg.data.epoch_length or iterator.index.size
+    steps_per_epoch = max(1, -(-epoch_length // cfg.train.batch_size))
+    return cls(path=path, sources=sources, tokenizer=tokenizer,
+               tokenizer_folder=tokenizer_folder, iterator=iterator,
+               steps_per_epoch=steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch)
+
+  def close(self) -> None:
+    if hasattr(self.iterator, 'close'):
+      self.iterator.close()
 
 
 def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: str):
