@@ -75,11 +75,11 @@ class _Run:
 
 def _start_devices(cfg: ml_collections.ConfigDict):
   """``(mesh, compute dtype)``, after the multi-process start when asked for."""
-  dist = cfg.distributed
+  distributed = cfg.distributed
   parallel.maybe_initialize_distributed(
-      dist.initialize, coordinator_address=dist.coordinator_address or None,
-      num_processes=dist.num_processes or None,
-      process_id=dist.process_id if dist.process_id >= 0 else None)
+      distributed.initialize, coordinator_address=distributed.coordinator_address or None,
+      num_processes=distributed.num_processes or None,
+      process_id=distributed.process_id if distributed.process_id >= 0 else None)
   mesh = parallel.make_mesh()
   if cfg.train.batch_size % (mesh.shape['data'] * mesh.shape.get('fsdp', 1)):
     raise train_setup.ConfigError(f'train.batch_size {cfg.train.batch_size} is not a multiple '

@@ -82,14 +82,14 @@ def train_sources(path: str):
 
 def _vocabulary_texts(sources, knowledge: Optional[str]):
   """Every word a caption can hold: template, attributes, categories, descriptions."""
-  attributes, cats = set(), set(categories_lib.CATEGORIES)
+  attributes, category_names = set(), set(categories_lib.CATEGORIES)
   for source in sources:
     for i in range(len(source)):
       record = source[i]
       attributes.update(captions_lib.as_texts(record['attributes']))
-      cats.update(captions_lib.as_texts(record['categories']))
+      category_names.update(captions_lib.as_texts(record['categories']))
   texts = [captions_lib.fill(captions_lib.CAPTION_TEMPLATE, c, a)
-           for a in sorted(attributes | {''}) for c in sorted(cats)]
+           for a in sorted(attributes | {''}) for c in sorted(category_names)]
   for name in ('flair_repo', 'seed') + ((knowledge,) if knowledge else ()):
     for descriptions in knowledge_lib.load_knowledge(name).values():
       texts.extend(captions_lib.fill(captions_lib.PROMPT_TEMPLATE, d) for d in descriptions)
@@ -229,20 +229,23 @@ def init_model(mc, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
-  t = cfg.train
-  if t.schedule == 'flair':
-    return optim.flair_schedule(t.lr, steps_per_epoch, warmup_epochs=t.warmup_epochs,
-                                horizon_epochs=t.horizon_epochs)
-  if t.schedule == 'cosine':
-    return optim.warmup_cosine_schedule(t.lr, t.warmup_epochs * steps_per_epoch, total_steps)
-  raise ConfigError(f'train.schedule {t.schedule!r} unknown; expected "flair" or "cosine"')
+  """``step -> learning rate`` of ``train.schedule``."""
+  train = cfg.train
+  if train.schedule == 'flair':
+    return optim.flair_schedule(train.lr, steps_per_epoch, warmup_epochs=train.warmup_epochs,
+                                horizon_epochs=train.horizon_epochs)
+  if train.schedule == 'cosine':
+    return optim.warmup_cosine_schedule(train.lr, train.warmup_epochs * steps_per_epoch,
+                                        total_steps)
+  raise ConfigError(f'train.schedule {train.schedule!r} unknown; expected "flair" or "cosine"')
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule):
-  t = cfg.train
-  frozen = tuple(t.frozen)
+  """AdamW with the config's weight decay, clipping and frozen parameters."""
+  train = cfg.train
+  frozen = tuple(train.frozen)
   return optim.make_optimizer(
-      schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm or None,
+      schedule, weight_decay=train.weight_decay, clip_norm=train.clip_norm or None,
       trainable_mask=(lambda p: optim.trainable_mask(p, frozen)) if frozen else None)
 
 
