@@ -1,19 +1,24 @@
-"""Device mesh, shardings, global batches and multi-process start-up.
+"""Device mesh, shardings, global batches, multi-process start-up and the
+agreements between processes.
 
 The batch is split over the mesh axis ``'data'``; parameters are replicated
 (an ``'fsdp'`` axis of size 1 is kept in the mesh so that sharding them later
 changes no call site). On several processes (hosts), each feeds its own
 local slice of the batch and JAX's multi-controller runtime does the rest.
+Every sharding and partition spec the package uses is built here.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from data_pipelines.console import UserError
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXIS = 'data'
@@ -42,14 +47,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(auto, auto), devices=devices)
 
 
+def batch_spec(axis: Union[Hashable, Sequence[Hashable]] = BATCH_AXIS) -> P:
+  """Leading (batch) dimension split over mesh ``axis`` (a name or a tuple
+  of names), the rest replicated: e.g. a ``jax.shard_map`` in/out spec."""
+  return P(axis if isinstance(axis, str) else tuple(axis))
+
+
+def replicated_spec() -> P:
+  """The whole array on every device."""
+  return P()
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over ``'data'``, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXIS))
+  return NamedSharding(mesh, batch_spec())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   """The same full array on every device."""
-  return NamedSharding(mesh, P())
+  return NamedSharding(mesh, replicated_spec())
 
 
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
@@ -116,3 +132,56 @@ def maybe_initialize_distributed(enabled: bool, coordinator_address: Optional[st
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
+
+
+class ProcessZeroError(UserError, RuntimeError):
+  """What the other processes report when process 0 failed at a step they
+  were waiting for."""
+
+
+def is_main_process() -> bool:
+  """Whether this process logs, evaluates and writes shared files."""
+  return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any (a collective)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def sync_processes(what: str) -> None:
+  """Waits until every process reaches this point (nothing on one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'flair_jax: {what}')
+
+
+def on_main_process(fn: Callable[[], Any], what: str) -> Any:
+  """``fn()`` on process 0 while the other processes wait for it.
+
+  Every process learns whether it failed (the agreement is a collective), so
+  none is left waiting: process 0 re-raises, the others raise a one-line
+  error pointing at its log.
+
+  Args:
+    fn: the work, called without arguments.
+    what: names the work in the other processes' error.
+  Returns:
+    its result on process 0 and None elsewhere.
+  Raises:
+    ProcessZeroError: on the other processes, when ``fn`` failed on process 0.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  result, error = None, None
+  if is_main_process():
+    try:
+      result = fn()
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised below
+      error = e
+  if any_process(error is not None):
+    if error is not None:
+      raise error
+    raise ProcessZeroError(f'process 0 failed during {what}; its log says why')
+  return result

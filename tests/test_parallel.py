@@ -48,6 +48,23 @@ def test_replicated_places_the_whole_array_on_every_device():
   assert all(s.data.shape == (5,) for s in x.addressable_shards)
 
 
+def test_specs_split_the_leading_dimension_over_the_named_axes():
+  assert parallel.batch_spec() == jax.sharding.PartitionSpec('data')
+  assert parallel.batch_spec(('data', 'fsdp')) == jax.sharding.PartitionSpec(('data', 'fsdp'))
+  assert parallel.replicated_spec() == jax.sharding.PartitionSpec()
+  mesh = parallel.make_mesh()
+  assert parallel.batch_sharding(mesh).spec == jax.sharding.PartitionSpec('data')
+
+
+def test_agreements_on_one_process_are_the_local_values():
+  assert parallel.is_main_process()
+  assert parallel.any_process(True) is True and parallel.any_process(False) is False
+  assert parallel.on_main_process(lambda: 42, 'the answer') == 42
+  parallel.sync_processes('nothing to wait for')  # no collective on one process
+  with pytest.raises(KeyError):  # process 0's own error, not ProcessZeroError
+    parallel.on_main_process(lambda: {}['missing'], 'a lookup')
+
+
 def test_maybe_initialize_distributed_calls_jax_only_when_asked(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 

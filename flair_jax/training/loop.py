@@ -7,470 +7,253 @@ config names. SIGTERM and Ctrl-C save the current step and return; a
 non-finite loss stops the run naming the step, keeping the last good
 checkpoint. On several processes every process runs this same function;
 process 0 logs, evaluates and exports while the others wait.
+
+Set-up (devices, data, model, resume) builds a ``_Run``; the step loop runs
+the periodic actions of ``flair_jax.training.periodic`` between steps; the
+finish evaluates, exports and plots.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
+import dataclasses
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
+from typing import Any, Callable, Optional
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from data_pipelines import pipeline
-from data_pipelines.console import UserError
 from data_pipelines.jsonio import write_json
 from flair_jax import checkpoint, parallel, trees
 from flair_jax.evaluation.during_training import ZeroShotDuringTraining
-from flair_jax.training import metrics_log, setup as train_setup
+from flair_jax.training import checkpoints as checkpoints_lib
+from flair_jax.training import metrics_log, periodic, setup as train_setup
 from flair_jax.training import step as step_lib
 
 logger = logging.getLogger(__name__)
 
 EXPORT_DIR = 'export_torch'
+CONFIG_JSON = 'config.json'
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-  """The loss became NaN or infinite."""
+@dataclasses.dataclass
+class _Run:
+  """A run between its set-up and its summary."""
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  data: train_setup.TrainingData
+  model_config: checkpoint.ModelConfig
+  graphdef: Any
+  state: step_lib.TrainState
+  train_step: Callable
+  checkpoints: checkpoints_lib.Checkpoints
+  config_json: dict
+  first_step: int
+  writer: metrics_log.MetricsWriter
+  progress: Optional[tqdm] = None
 
-
-class ProcessZeroError(UserError, RuntimeError):
-  """What the other processes report when process 0 failed at a step they
-  were waiting for."""
-
-
-class CheckpointError(UserError, RuntimeError):
-  """The workdir's checkpoints cannot be resumed from."""
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-class Checkpoints:
-  """Orbax ``CheckpointManager`` over ``<workdir>/checkpoints``.
-
-  Items: ``model`` (all parameters and BatchNorm statistics, the layout that
-  ``flair_jax.checkpoint`` and the converter read), ``opt_state``, ``meta``
-  (step and config) and ``data`` (the grain iterator's position). Saves are
-  asynchronous; orbax finalises a step folder only once every item is
-  written, so a checkpoint is complete or absent.
-  """
-
-  def __init__(self, workdir: str, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True)
-    self.directory = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINTS_DIR)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self):
-    return self.manager.latest_step()
-
-  def save(self, state: step_lib.TrainState, data_iter, config_json: dict) -> None:
-    step = int(parallel.to_host(state.step))
-    model = trees.merge(nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats))
-    self.manager.save(step, args=ocp.args.Composite(
-        **{checkpoint.MODEL_ITEM: ocp.args.StandardSave(model)},
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.JsonSave({'step': step, 'config': config_json}),
-        data=grain.checkpoint.CheckpointSave(data_iter)))
-
-  def restore(self, state: step_lib.TrainState, data_iter):
-    """The newest checkpoint that restores, in the shapes and shardings of
-    ``state``; None when the workdir has none.
-
-    A step that fails to restore (a truncated or corrupt file) is logged with
-    its reason and moved aside as ``<step>.damaged-<time>`` (never deleted);
-    a step folder without orbax's commit marker (a save that never finished)
-    is moved aside as ``<step>.incomplete-<time>``; then the step before it is
-    tried. When none restores, every folder is put back as it was (the cause
-    may be a changed config or process count rather than damage) and the run
-    stops. Every process takes the same decision.
-
-    Raises:
-      CheckpointError: checkpoints exist but none restores, or they hold a
-        model of another shape than ``state``.
-    """
-    set_aside = []  # (step, folder it was moved to, reason)
-    while (step := self.manager.latest_step()) is not None:
-      if not checkpoint.is_committed(os.path.join(self.directory, str(step))):
-        reason = 'no commit marker: a save that never finished'
-        set_aside.append((step, self._set_aside(step, 'incomplete', reason), reason))
-        continue
-      reason, restored = None, None
-      try:
-        with _quiet_abandoned_reads():
-          restored = self._restore_step(step, state, data_iter)
-      except CheckpointError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  # any damage: set aside
-        reason = _short_reason(e)
-      if not _any_process(reason is not None):
-        return restored
-      reason = reason or 'failed on another process'
-      set_aside.append((step, self._set_aside(step, 'damaged', reason), reason))
-    if set_aside:
-      self._put_back(set_aside)
-      raise CheckpointError(
-          f'no checkpoint in {self.directory} restores, so none was moved: '
-          + '; '.join(f'step {step}: {reason}' for step, _, reason in set_aside)
-          + '. Resume with the config and process count it was trained with, restore a '
-          'backup into that folder, or start afresh with another --workdir.')
-    return None
-
-  def _set_aside(self, step: int, kind: str, reason: str):
-    """Renames step folder ``step`` to ``<step>.<kind>-<time>`` (on process 0)."""
-    path = os.path.join(self.directory, f'{step}.{kind}-{time.strftime("%Y%m%d-%H%M%S")}')
-    if jax.process_index() == 0:
-      os.rename(os.path.join(self.directory, str(step)), path)
-      logger.warning('checkpoint step %d is not usable (%s); moved it aside to %s and trying '
-                     'the step before it', step, reason, path)
-    self._sync(f'checkpoint {step} set aside')
-    return path
-
-  def _put_back(self, set_aside) -> None:
-    if jax.process_index() == 0:
-      for step, path, _ in set_aside:
-        os.rename(path, os.path.join(self.directory, str(step)))
-    self._sync('checkpoints put back')
-
-  def _sync(self, what: str) -> None:
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'flair_jax: {what}')
-    self.manager.reload()
-
-  def _restore_step(self, step: int, state: step_lib.TrainState, data_iter):
-    params, stats = nnx.to_pure_dict(state.params), nnx.to_pure_dict(state.batch_stats)
-    target = _abstract(trees.merge(params, stats))
-    item_dir = os.path.join(self.directory, str(step), checkpoint.MODEL_ITEM)
-    problems = checkpoint.shape_problems(item_dir, target)
-    if problems:
-      raise CheckpointError(
-          f'checkpoint {os.path.dirname(item_dir)} holds a model of another shape than this '
-          f'config builds ({"; ".join(problems[:3])}{"; ..." if len(problems) > 3 else ""}). '
-          'Resume with the config it was trained with (config.json in the workdir), or use '
-          'another --workdir.')
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        **{checkpoint.MODEL_ITEM: ocp.args.StandardRestore(target)},
-        opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
-        meta=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    new_params, new_stats = state.params, state.batch_stats
-    nnx.replace_by_pure_dict(new_params, trees.select(restored[checkpoint.MODEL_ITEM], params))
-    nnx.replace_by_pure_dict(new_stats, trees.select(restored[checkpoint.MODEL_ITEM], stats))
-    self.restored_config = restored['meta'].get('config', {})
-    return step_lib.TrainState(step=jnp.asarray(restored['meta']['step'], jnp.int32),
-                               params=new_params, batch_stats=new_stats,
-                               opt_state=restored['opt_state'])
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def next_batch(self):
+    """The next global batch, from this process's slice."""
+    local = next(self.data.iterator)
+    return parallel.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, self.mesh)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if self.progress is not None:
+      self.progress.close()  # before any error message: the bar's last line is drawn now
+    self.checkpoints.close()
+    self.writer.close()
+    self.data.close()
 
 
-@contextlib.contextmanager
-def _stop_requests():
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
-  requested = []
-
-  def handler(signum, _):
-    requested.append(signum)
-
-  if threading.current_thread() is not threading.main_thread():
-    yield requested  # signals reach only the main thread
-    return
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield requested
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _quiet_abandoned_reads():
-  """orbax reads arrays in asyncio tasks; when one read fails, the errors of
-  the others are never retrieved and asyncio logs each one, with the whole
-  TensorStore spec, when the task is collected. The failure is reported once,
-  by the caller; this drops those echoes (and only those)."""
-  log = logging.getLogger('asyncio')
-
-  def keep(record):
-    return not record.getMessage().startswith('Task exception was never retrieved')
-
-  log.addFilter(keep)
-  try:
-    yield
-  finally:
-    gc.collect()  # the abandoned tasks are collected, and logged, now
-    log.removeFilter(keep)
-
-
-def _short_reason(error: BaseException) -> str:
-  """The first line of an error, without TensorStore's attached details."""
-  text = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore')[0]
-  return f'{type(error).__name__}: {text[:300]}'
-
-
-def _any_process(flag: bool) -> bool:
-  """True on every process when ``flag`` is True on any (a collective)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _config_drift(saved: dict, current: dict, prefix: str = '') -> list:
-  """Keys whose values differ between two config dicts."""
-  out = []
-  for k in sorted(set(saved) | set(current)):
-    a, b = saved.get(k), current.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_drift(a, b, f'{prefix}{k}.')
-    elif (list(a) if isinstance(a, (list, tuple)) else a) != (
-        list(b) if isinstance(b, (list, tuple)) else b):
-      out.append(f'{prefix}{k}: {a!r} -> {b!r}')
-  return out
-
-
-def _export(workdir: str, state: step_lib.TrainState, mc) -> dict:
-  """The PyTorch FLAIR folder of the final state, from memory."""
-  from flair_jax.convert import flair_torch as convert_flair  # pylint: disable=g-import-not-at-top
-  model_state = trees.merge(nnx.to_pure_dict(parallel.to_host(state.params)),
-                             nnx.to_pure_dict(parallel.to_host(state.batch_stats)))
-  out = os.path.join(workdir, EXPORT_DIR)
-  shutil.rmtree(out, ignore_errors=True)
-  out = convert_flair.export_state(model_state, mc, out, fmt='both', bundle_text_encoder=True,
-                                   source=workdir)
-  return {'export': out, 'export_files': sorted(os.listdir(out)),
-          'export_note': convert_flair.describe_export(mc)}
-
-
-def _on_main(fn, what: str):
-  """``fn()`` on process 0 while the other processes wait for it.
-
-  Every process learns whether it failed (the agreement is a collective), so
-  none is left waiting: process 0 re-raises, the others raise a one-line
-  error pointing at its log.
-
-  Returns:
-    its result on process 0 and None elsewhere.
-  """
-  if jax.process_count() == 1:
-    return fn()
-  result, error = None, None
-  if jax.process_index() == 0:
-    try:
-      result = fn()
-    except BaseException as e:  # pylint: disable=broad-except  # re-raised below
-      error = e
-  if _any_process(error is not None):
-    if error is not None:
-      raise error
-    raise ProcessZeroError(f'process 0 failed during {what}; its log says why')
-  return result
-
-
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) and evaluates; returns a summary of the run."""
-  t_start = time.time()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  dist = cfg.distributed
+def _start_devices(cfg: ml_collections.ConfigDict):
+  """``(mesh, compute dtype)``, after the multi-process start when asked for."""
+  distributed = cfg.distributed
   parallel.maybe_initialize_distributed(
-      dist.initialize, coordinator_address=dist.coordinator_address or None,
-      num_processes=dist.num_processes or None,
-      process_id=dist.process_id if dist.process_id >= 0 else None)
-  is_main = jax.process_index() == 0
+      distributed.initialize, coordinator_address=distributed.coordinator_address or None,
+      num_processes=distributed.num_processes or None,
+      process_id=distributed.process_id if distributed.process_id >= 0 else None)
   mesh = parallel.make_mesh()
-  n_proc = jax.process_count()
   if cfg.train.batch_size % (mesh.shape['data'] * mesh.shape.get('fsdp', 1)):
     raise train_setup.ConfigError(f'train.batch_size {cfg.train.batch_size} is not a multiple '
                                   f'of the {jax.device_count()} devices')
   dtype = train_setup.compute_dtype(cfg.train.compute_dtype)
   logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
-              jax.devices()[0].device_kind, n_proc, jnp.dtype(dtype).name)
+              jax.devices()[0].device_kind, jax.process_count(), jnp.dtype(dtype).name)
+  return mesh, dtype
 
-  # Input: process 0 builds what is missing (synthetic set, vocabulary) before
-  # the other processes open it.
-  def open_input():
-    path = train_setup.prepare_data(cfg.data, workdir)
-    srcs = train_setup.train_sources(path)
-    return (path, srcs) + train_setup.prepare_tokenizer(cfg, workdir, srcs)
 
-  opened = _on_main(open_input, 'the data and tokenizer build')
-  data_path, sources, tokenizer, tokenizer_folder = opened if is_main else open_input()
-  data_iter = pipeline.make_pretraining_iterator(
-      sources, batch_size=cfg.train.batch_size // n_proc, seed=cfg.seed, tokenizer=tokenizer,
-      knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
-      sampling=cfg.data.sampling, epoch_length=cfg.data.epoch_length or None,
-      worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads)
-  train_setup.check_datasets(cfg.data.datasets, data_iter.index.counts(), data_path)
-  # PyTorch FLAIR's len(DataLoader): ceil(epoch length / batch).
-  epoch_length = cfg.data.epoch_length or data_iter.index.size
-  steps_per_epoch = max(1, -(-epoch_length // cfg.train.batch_size))
-  total_steps = cfg.train.epochs * steps_per_epoch
-
-  # Model, optimiser, step.
-  mc, bert_state = train_setup.model_config(cfg, tokenizer, tokenizer_folder)
-  model = train_setup.init_model(mc, bert_state, cfg, dtype, parallel.replicated(mesh))
-  schedule = train_setup.make_schedule(cfg, steps_per_epoch, total_steps)
-  tx = train_setup.make_optimizer(cfg, schedule)
-  graphdef, state = step_lib.create_train_state(model, tx, mesh)
-  del model
+def _model_and_step(cfg, data: train_setup.TrainingData, mesh: Mesh, dtype):
+  """``(model_config, graphdef, state, train_step)``: the initial state,
+  replicated, and the jitted step with its optimiser and schedule."""
+  model_config, bert_state = train_setup.model_config(cfg, data.tokenizer,
+                                                      data.tokenizer_folder)
+  model = train_setup.init_model(model_config, bert_state, cfg, dtype, parallel.replicated(mesh))
+  schedule = train_setup.make_schedule(cfg, data.steps_per_epoch, data.total_steps)
+  optimizer = train_setup.make_optimizer(cfg, schedule)
+  graphdef, state = step_lib.create_train_state(model, optimizer, mesh)
   options = step_lib.StepOptions(augment=cfg.train.augment, text_dropout=cfg.train.text_dropout,
                                  remat=cfg.train.remat)
-  train_step = step_lib.make_train_step(graphdef, tx, mesh, schedule=schedule, options=options,
-                                        compute_dtype=dtype)
-  config_json = cfg.to_dict()
-  if is_main:
-    checkpoint.save_model_config(mc, os.path.join(workdir, checkpoint.CONFIG_FILE))
-    write_json(os.path.join(workdir, 'config.json'), config_json, sort_keys=True)
+  train_step = step_lib.make_train_step(graphdef, optimizer, mesh, schedule=schedule,
+                                        options=options, compute_dtype=dtype)
+  return model_config, graphdef, state, train_step
 
-  # Resume from the workdir first.
-  ckpts = Checkpoints(workdir, cfg.checkpoint.keep)
+
+def _resume(checkpoints: checkpoints_lib.Checkpoints, state, data_iter, config_json: dict,
+            workdir: str):
+  """The newest restorable checkpoint's state, else ``state``."""
   try:
-    restored = ckpts.restore(state, data_iter)
+    restored = checkpoints.restore(state, data_iter)
   except BaseException:
-    ckpts.close()  # no orbax thread left to report on a closed event loop at exit
+    checkpoints.close()  # no orbax thread left to report on a closed event loop at exit
     raise
-  if restored is not None:
-    state = restored
-    logger.info('resumed from step %d of %s', int(state.step), workdir)
-    drift = _config_drift(ckpts.restored_config, config_json)
-    if drift:
-      logger.warning('the config differs from the one the checkpoint was trained with: %s',
-                     '; '.join(drift))
+  if restored is None:
+    return state
+  logger.info('resumed from step %d of %s', int(restored.step), workdir)
+  drift = checkpoints_lib.config_drift(checkpoints.restored_config, config_json)
+  if drift:
+    logger.warning('the config differs from the one the checkpoint was trained with: %s',
+                   '; '.join(drift))
+  return restored
+
+
+def _set_up(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Devices, data, model and step; then resume from the workdir."""
+  mesh, dtype = _start_devices(cfg)
+  data = train_setup.TrainingData.from_config(cfg, workdir)
+  model_config, graphdef, state, train_step = _model_and_step(cfg, data, mesh, dtype)
+  config_json = cfg.to_dict()
+  is_main = parallel.is_main_process()
+  if is_main:
+    checkpoint.save_model_config(model_config, os.path.join(workdir, checkpoint.CONFIG_FILE))
+    write_json(os.path.join(workdir, CONFIG_JSON), config_json, sort_keys=True)
+  checkpoints = checkpoints_lib.Checkpoints(workdir, cfg.checkpoint.keep)
+  state = _resume(checkpoints, state, data.iterator, config_json, workdir)
   first_step = int(parallel.to_host(state.step))
   if is_main:
     metrics_log.truncate_metrics(workdir, first_step)
-  writer = metrics_log.MetricsWriter(workdir, enabled=is_main)
-  every_ckpt = cfg.checkpoint.every_steps or steps_per_epoch
-  key = parallel.replicated_value(lambda: jax.random.key(cfg.seed), mesh)
+  return _Run(cfg=cfg, workdir=workdir, mesh=mesh, data=data, model_config=model_config,
+              graphdef=graphdef, state=state, train_step=train_step, checkpoints=checkpoints,
+              config_json=config_json, first_step=first_step,
+              writer=metrics_log.MetricsWriter(workdir, enabled=is_main))
 
-  def next_batch():
-    local = next(data_iter)
-    return parallel.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, mesh)
 
-  zero_shot = ZeroShotDuringTraining(
-      train_setup.eval_sets(cfg, data_path), graphdef=graphdef, tokenizer=tokenizer,
-      model_config=mc, knowledge=cfg.data.knowledge, batch_size=cfg.eval.batch_size,
-      domain_knowledge=cfg.eval.domain_knowledge and bool(cfg.data.knowledge))
-  summary = {'workdir': workdir, 'data': data_path, 'steps_per_epoch': steps_per_epoch,
-             'total_steps': total_steps, 'first_step': first_step}
-  results = {}
-  progress = None
+def _compile(run: _Run, batch, key):
+  """``(compiled step, its FLOPs or None)``."""
+  started = time.time()
+  compiled = run.train_step.lower(run.state, batch, key).compile()
+  flops = metrics_log.step_flops(compiled)
+  logger.info('step compiled in %.1f s; %s FLOPs per step', time.time() - started,
+              f'{flops:.3g}' if flops else 'unknown')
+  return compiled, flops
+
+
+def _train_steps(run: _Run, key, evaluation: periodic.PeriodicEval) -> Optional[int]:
+  """Steps from ``run.first_step`` to the last, with the periodic actions.
+
+  Returns:
+    the step a stop request ended the run at, or None when it finished.
+  """
+  cfg, data = run.cfg, run.data
+  batch = run.next_batch() if run.first_step < data.total_steps else None
+  compiled, flops = _compile(run, batch, key) if batch is not None else (None, None)
+  run.progress = tqdm(total=data.total_steps, initial=run.first_step,
+                      disable=not parallel.is_main_process(), dynamic_ncols=True, desc='train')
+  metrics = periodic.StepMetrics(run.workdir)
+  log = periodic.IntervalLog(
+      every=cfg.log_every_steps, batch_size=cfg.train.batch_size,
+      steps_per_epoch=data.steps_per_epoch, total_steps=data.total_steps, writer=run.writer,
+      progress=run.progress, flops=flops)
+  saver = periodic.PeriodicSave(
+      run.checkpoints, every=cfg.checkpoint.every_steps or data.steps_per_epoch,
+      total_steps=data.total_steps, data_iter=data.iterator, config_json=run.config_json)
+  with periodic.stop_requests() as requested:
+    stop = periodic.StopAgreement(requested)
+    for step in range(run.first_step, data.total_steps):
+      run.state, step_metrics = compiled(run.state, batch, key)
+      done = step + 1
+      metrics.add(done, step_metrics)
+      log.count_step()
+      at_log = log.due(done)
+      if at_log:
+        metrics.flush(saver.last_saved)
+        log.write(done, metrics.interval_means())
+      run.progress.update(1)
+      stopping = stop.agreed(at_log)  # every process stops at the same step
+      if saver.due(done) or stopping:
+        metrics.flush(saver.last_saved)
+        saver.save(run.state, done)
+      if stopping:
+        run.checkpoints.wait()
+        logger.warning('stop requested (signal %s): saved step %d, exiting',
+                       stop.signal_name(), done)
+        return done
+      if evaluation.due(done):
+        evaluation.evaluate(run.state, done)
+      if done < data.total_steps:  # after the save: it records the iterator's position
+        batch = run.next_batch()
+  return None
+
+
+def _export(run: _Run) -> dict:
+  """The PyTorch FLAIR folder of the final state, from memory."""
+  from flair_jax.convert import flair_torch as convert_flair  # pylint: disable=g-import-not-at-top
+  model_state = trees.merge(nnx.to_pure_dict(parallel.to_host(run.state.params)),
+                            nnx.to_pure_dict(parallel.to_host(run.state.batch_stats)))
+  out = os.path.join(run.workdir, EXPORT_DIR)
+  shutil.rmtree(out, ignore_errors=True)
+  out = convert_flair.export_state(model_state, run.model_config, out, fmt='both',
+                                   bundle_text_encoder=True, source=run.workdir)
+  return {'export': out, 'export_files': sorted(os.listdir(out)),
+          'export_note': convert_flair.describe_export(run.model_config)}
+
+
+def _finish(run: _Run, evaluation: periodic.PeriodicEval) -> dict:
+  """Final eval, export and plots; their entries of the summary."""
+  run.progress.close()
+  run.checkpoints.wait()
+  final_step = int(parallel.to_host(run.state.step))
+  summary = {'final_step': final_step, 'results': evaluation.final(run.state, final_step),
+             'params_l2': float(parallel.to_host(optax.tree.norm(run.state.params)))}
+  if run.cfg.export_torch:
+    summary.update(parallel.on_main_process(lambda: _export(run), 'export') or {})
+  if parallel.is_main_process() and run.cfg.plots:
+    summary['plots'] = metrics_log.plot(run.workdir)
+  return summary
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) and evaluates; returns a summary of the run."""
+  started = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  run = _set_up(cfg, workdir)
+  summary = {'workdir': workdir, 'data': run.data.path,
+             'steps_per_epoch': run.data.steps_per_epoch,
+             'total_steps': run.data.total_steps, 'first_step': run.first_step}
   try:
-    batch = next_batch() if first_step < total_steps else None
-    compiled = flops = peak = None
-    if batch is not None:
-      t0 = time.time()
-      compiled = train_step.lower(state, batch, key).compile()
-      flops = metrics_log.step_flops(compiled)
-      peak = metrics_log.peak_flops()
-      logger.info('step compiled in %.1f s; %s FLOPs per step', time.time() - t0,
-                  f'{flops:.3g}' if flops else 'unknown')
-    pending, history = [], []
-    last_saved = ckpts.latest_step()
-    progress = tqdm(total=total_steps, initial=first_step, disable=not is_main,
-                    dynamic_ncols=True, desc='train')
-    t_interval, n_interval = time.time(), 0
-
-    def flush():
-      """Host copies of pending metrics; raises on a non-finite loss."""
-      for s, m in pending:
-        m = parallel.to_host(m)
-        bad = [k for k in ('loss', 'l2_grads', 'l2_params') if not np.isfinite(m[k])]
-        if bad:
-          where = (f'the last good checkpoint is step {last_saved} in {workdir}/checkpoints '
-                   '(a restart resumes from it)' if last_saved is not None
-                   else 'no checkpoint was saved yet')
-          raise NonFiniteLossError(
-              f'{", ".join(f"{k} = {float(m[k])}" for k in bad)} at step {s}; the run stops '
-              f'and {where}. Consider a lower train.lr.')
-        history.append(m)
-      pending.clear()
-
-    with _stop_requests() as stop:
-      for s in range(first_step, total_steps):
-        state, metrics = compiled(state, batch, key)
-        pending.append((s + 1, metrics))
-        n_interval += 1
-        done = s + 1
-        at_log = done % cfg.log_every_steps == 0 or done == total_steps
-        if at_log:
-          flush()
-          dt = time.time() - t_interval
-          scalars = {f'train/{k}': v for k, v in metrics_log.interval_summary(history).items()}
-          ips = n_interval * cfg.train.batch_size / max(dt, 1e-9)
-          scalars['train/images_per_sec'] = ips
-          scalars['train/epoch'] = done / steps_per_epoch
-          if flops and peak:
-            scalars['train/mfu'] = flops * n_interval / dt / peak  # per-device FLOPs
-          writer.write(done, scalars)
-          progress.set_postfix(epoch=f'{done / steps_per_epoch:.2f}',
-                               loss=f'{scalars["train/loss"]:.4f}',
-                               lr=f'{scalars["train/lr"]:.2e}', img_s=f'{ips:.0f}')
-          history.clear()
-          t_interval, n_interval = time.time(), 0
-        progress.update(1)
-        # Every process must stop at the same step: agree at logging steps.
-        stopping = _any_process(bool(stop)) if (n_proc == 1 or at_log) else False
-        if done % every_ckpt == 0 or done == total_steps or stopping:
-          flush()
-          ckpts.save(state, data_iter, config_json)
-          last_saved = done
-        if stopping:
-          ckpts.wait()
-          logger.warning('stop requested (signal %s): saved step %d, exiting',
-                         stop[0] if stop else 'on another process', done)
-          summary.update(stopped_at=done)
-          return summary
-        if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done < total_steps:
-          ckpts.wait()
-          results = _on_main(lambda: zero_shot(state.params, state.batch_stats),
-                             f'eval at step {done}')
-          if is_main:
-            writer.write(done, results)
-            logger.info('step %d: %s', done, results)
-        if done < total_steps:  # after the save: it records the iterator's position
-          batch = next_batch()
-    progress.close()
-    ckpts.wait()
-    final_step = int(parallel.to_host(state.step))
-    if zero_shot:
-      results = _on_main(lambda: zero_shot.final(state.params, state.batch_stats),
-                         'final eval') or {}
-      if is_main and results:
-        writer.write(final_step, results)
-    summary.update(final_step=final_step, results=results,
-                   params_l2=float(parallel.to_host(optax.tree.norm(state.params))))
-    if cfg.export_torch:
-      summary.update(_on_main(lambda: _export(workdir, state, mc), 'export') or {})
-    if is_main and cfg.plots:
-      summary['plots'] = metrics_log.plot(workdir)
+    key = parallel.replicated_value(lambda: jax.random.key(cfg.seed), run.mesh)
+    zero_shot = ZeroShotDuringTraining(
+        train_setup.eval_sets(cfg, run.data.path), graphdef=run.graphdef,
+        tokenizer=run.data.tokenizer, model_config=run.model_config,
+        knowledge=cfg.data.knowledge, batch_size=cfg.eval.batch_size,
+        domain_knowledge=cfg.eval.domain_knowledge and bool(cfg.data.knowledge))
+    evaluation = periodic.PeriodicEval(
+        zero_shot, every=cfg.eval.every_steps, total_steps=run.data.total_steps,
+        checkpoints=run.checkpoints, writer=run.writer)
+    stopped_at = _train_steps(run, key, evaluation)
+    if stopped_at is not None:
+      summary['stopped_at'] = stopped_at
+      return summary  # a stopped run reports no wall time
+    summary.update(_finish(run, evaluation))
   finally:
-    if progress is not None:
-      progress.close()  # before any error message: the bar's last line is drawn now
-    ckpts.close()
-    writer.close()
-    if hasattr(data_iter, 'close'):
-      data_iter.close()
-  summary['wall_seconds'] = time.time() - t_start
+    run.close()
+  summary['wall_seconds'] = time.time() - started
   return summary

@@ -20,7 +20,9 @@ from typing import Callable, Hashable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+
+from flair_jax import parallel
 
 AxisName = Union[Hashable, Sequence[Hashable]]
 POSITIVES = ('auto', 'mask', 'segment')
@@ -166,11 +168,11 @@ def sharded_label_aware_contrastive_loss(mesh: Mesh, axis: AxisName = 'data',
     multiple of the size of ``axis``.
   """
   n = _axis_size(mesh, axis)
-  batch = P(axis if isinstance(axis, str) else tuple(axis))
+  batch, whole = parallel.batch_spec(axis), parallel.replicated_spec()
   body = functools.partial(label_aware_contrastive_loss, axis_name=axis,
                            positives=positives)
-  sharded = jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, P(), batch),
-                          out_specs=P())
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, whole, batch),
+                          out_specs=whole)
 
   def loss_fn(img_bd, txt_bd, logit_scale, category_b):
     if img_bd.shape[0] % n:

@@ -4,10 +4,11 @@ tokenizer, the model (initialised, born sharded), the optimiser and schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ from data_pipelines import build as build_lib
 from data_pipelines import captions as captions_lib
 from data_pipelines import categories as categories_lib
 from data_pipelines import knowledge as knowledge_lib
+from data_pipelines import pipeline
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.console import UserError
+from flair_jax import parallel
 from flair_jax.training import optim
 from flair_jax.convert import pretrained
 from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
@@ -80,14 +83,14 @@ def train_sources(path: str):
 
 def _vocabulary_texts(sources, knowledge: Optional[str]):
   """Every word a caption can hold: template, attributes, categories, descriptions."""
-  attributes, cats = set(), set(categories_lib.CATEGORIES)
+  attributes, category_names = set(), set(categories_lib.CATEGORIES)
   for source in sources:
     for i in range(len(source)):
       record = source[i]
       attributes.update(captions_lib.as_texts(record['attributes']))
-      cats.update(captions_lib.as_texts(record['categories']))
+      category_names.update(captions_lib.as_texts(record['categories']))
   texts = [captions_lib.fill(captions_lib.CAPTION_TEMPLATE, c, a)
-           for a in sorted(attributes | {''}) for c in sorted(cats)]
+           for a in sorted(attributes | {''}) for c in sorted(category_names)]
   for name in ('flair_repo', 'seed') + ((knowledge,) if knowledge else ()):
     for descriptions in knowledge_lib.load_knowledge(name).values():
       texts.extend(captions_lib.fill(captions_lib.PROMPT_TEMPLATE, d) for d in descriptions)
@@ -126,6 +129,64 @@ def check_datasets(expected, counts: dict, data_path: str) -> None:
                    len(missing), len(expected), missing)
 
 
+@dataclasses.dataclass
+class TrainingData:
+  """The pre-training input of a run.
+
+  Attributes:
+    path: version folder of the built dataset.
+    sources: random-access sources of its ``train`` split.
+    tokenizer: the caption tokenizer.
+    tokenizer_folder: where it was loaded from (a folder or a hub name).
+    iterator: the grain iterator of this process's share of each batch.
+    steps_per_epoch: PyTorch FLAIR's ``len(DataLoader)``:
+      ``ceil(epoch length / batch size)``.
+    total_steps: ``train.epochs`` epochs of steps.
+  """
+  path: str
+  sources: list
+  tokenizer: Any
+  tokenizer_folder: str
+  iterator: Any
+  steps_per_epoch: int
+  total_steps: int
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, workdir: str) -> 'TrainingData':
+    """Opens (building what is missing) the data and tokenizer ``cfg`` names.
+
+    Process 0 builds what is missing (synthetic set, vocabulary) while the
+    other processes wait, then they open it.
+
+    Raises:
+      DataNotFoundError: the configured data is not built.
+      ConfigError: the data holds datasets outside ``data.datasets``.
+    """
+    def open_input():
+      path = prepare_data(cfg.data, workdir)
+      sources = train_sources(path)
+      return (path, sources) + prepare_tokenizer(cfg, workdir, sources)
+
+    opened = parallel.on_main_process(open_input, 'the data and tokenizer build')
+    path, sources, tokenizer, tokenizer_folder = (
+        opened if parallel.is_main_process() else open_input())
+    iterator = pipeline.make_pretraining_iterator(
+        sources, batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
+        tokenizer=tokenizer, knowledge=cfg.data.knowledge or None, canvas=cfg.model.image_size,
+        sampling=cfg.data.sampling, epoch_length=cfg.data.epoch_length or None,
+        worker_count=cfg.data.worker_count, read_threads=cfg.data.read_threads)
+    check_datasets(cfg.data.datasets, iterator.index.counts(), path)
+    epoch_length = cfg.data.epoch_length or iterator.index.size
+    steps_per_epoch = max(1, -(-epoch_length // cfg.train.batch_size))
+    return cls(path=path, sources=sources, tokenizer=tokenizer,
+               tokenizer_folder=tokenizer_folder, iterator=iterator,
+               steps_per_epoch=steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch)
+
+  def close(self) -> None:
+    if hasattr(self.iterator, 'close'):
+      self.iterator.close()
+
+
 def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: str):
   """``(ModelConfig, bert_state or None)`` from the config.
 
@@ -146,21 +207,21 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: st
   return config, bert_state
 
 
-def init_model(mc, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
+def init_model(model_config, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
   """The model, initialised by one jitted function with its state born on
   ``sharding``; then the pre-trained towers named in the config."""
   seed = cfg.seed
-  abstract = nnx.eval_shape(lambda: build_model(mc, dtype, nnx.Rngs(seed)))
+  abstract = nnx.eval_shape(lambda: build_model(model_config, dtype, nnx.Rngs(seed)))
   graphdef = nnx.graphdef(abstract)
-  init = jax.jit(lambda: nnx.state(build_model(mc, dtype, nnx.Rngs(seed))),
+  init = jax.jit(lambda: nnx.state(build_model(model_config, dtype, nnx.Rngs(seed))),
                  out_shardings=sharding)
   model = nnx.merge(graphdef, init())
-  if not cfg.model.resnet_weights and mc.vision.stages == (3, 4, 6, 3):
+  if not cfg.model.resnet_weights and model_config.vision.stages == (3, 4, 6, 3):
     logger.warning('the ResNet-50 image tower starts from random weights; FLAIR starts from '
                    'ImageNet: pass --config.model.resnet_weights=<torchvision IMAGENET1K_V2 .pth>')
   if cfg.model.resnet_weights:
     assign_state(model.vision_model,
-                 pretrained.load_vision_weights(cfg.model.resnet_weights, mc.vision))
+                 pretrained.load_vision_weights(cfg.model.resnet_weights, model_config.vision))
     logger.info('image tower from %s', cfg.model.resnet_weights)
   if bert_state is not None:
     assign_state(model.text_model, bert_state)
@@ -169,20 +230,23 @@ def init_model(mc, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
-  t = cfg.train
-  if t.schedule == 'flair':
-    return optim.flair_schedule(t.lr, steps_per_epoch, warmup_epochs=t.warmup_epochs,
-                                horizon_epochs=t.horizon_epochs)
-  if t.schedule == 'cosine':
-    return optim.warmup_cosine_schedule(t.lr, t.warmup_epochs * steps_per_epoch, total_steps)
-  raise ConfigError(f'train.schedule {t.schedule!r} unknown; expected "flair" or "cosine"')
+  """``step -> learning rate`` of ``train.schedule``."""
+  train = cfg.train
+  if train.schedule == 'flair':
+    return optim.flair_schedule(train.lr, steps_per_epoch, warmup_epochs=train.warmup_epochs,
+                                horizon_epochs=train.horizon_epochs)
+  if train.schedule == 'cosine':
+    return optim.warmup_cosine_schedule(train.lr, train.warmup_epochs * steps_per_epoch,
+                                        total_steps)
+  raise ConfigError(f'train.schedule {train.schedule!r} unknown; expected "flair" or "cosine"')
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule):
-  t = cfg.train
-  frozen = tuple(t.frozen)
+  """AdamW with the config's weight decay, clipping and frozen parameters."""
+  train = cfg.train
+  frozen = tuple(train.frozen)
   return optim.make_optimizer(
-      schedule, weight_decay=t.weight_decay, clip_norm=t.clip_norm or None,
+      schedule, weight_decay=train.weight_decay, clip_norm=train.clip_norm or None,
       trainable_mask=(lambda p: optim.trainable_mask(p, frozen)) if frozen else None)
 
 
