@@ -71,9 +71,10 @@ class Encoder:
 
     self._images_fn = jax.jit(images_fn, in_shardings=(self._replicated, self._batch),
                               out_shardings=(self._batch, self._batch))
-    self._texts_fn = jax.jit(texts_fn,
-                             in_shardings=(self._replicated, self._batch, self._batch),
-                             out_shardings=self._batch)
+    # Text batches are a few dozen prompts: each device encodes all of them,
+    # which gives a single device's numbers (a split batch moves them by ulps).
+    self._texts_fn = jax.jit(texts_fn, in_shardings=self._replicated,
+                             out_shardings=self._replicated)
 
   def place(self, state):
     """``state`` replicated on the mesh (do it once per set of weights)."""
@@ -103,14 +104,13 @@ class Encoder:
 
     FLAIR pads a batch to its longest text and its pooling averages over
     those positions; ids padded to a static length with the ``'flair'``
-    pooling give the same numbers. Rows are padded to a multiple of 8 (and
-    of the shards) with copies of the first text (same longest length) to
-    limit recompilation.
+    pooling give the same numbers. Rows are padded to a multiple of 8 with
+    copies of the first text (same longest length) to limit recompilation.
     """
     count = len(ids_tl)
     if not count:
       raise ValueError('no texts to encode')
-    rows = self.round_batch(-(-count // TEXT_ROWS_MULTIPLE) * TEXT_ROWS_MULTIPLE)
+    rows = -(-count // TEXT_ROWS_MULTIPLE) * TEXT_ROWS_MULTIPLE
     pad = np.zeros(rows - count, np.int64)
     ids_tl = np.concatenate([ids_tl, ids_tl[pad]])
     lengths_t = np.concatenate([lengths_t, lengths_t[pad]])
