@@ -1,4 +1,4 @@
-"""Image helpers for dataset builders: safe decode, RGB, canvas resize, crop.
+"""Images for builders, loaders and the towers: safe decode, RGB, canvases, crop.
 
 Conventions follow PyTorch FLAIR's loader: ``.convert('RGB')`` (an alpha
 channel is DROPPED, not composited; EXIF orientation is not applied), then a
@@ -8,6 +8,10 @@ modes get a better conversion than PIL's: 16-bit greyscale (``I;16*`` and
 ``I``, taken as 0..65535) is scaled to 8 bit with ``round(v * 255 / 65535)``
 instead of being clipped at 255, and CMYK uses PIL's
 ``(255 - C)(255 - K) / 255``.
+
+The model's input canvases are FLAIR's two float paths, which differ:
+``flair_inference_canvas`` (``FLAIRModel``) and ``flair_transfer_canvas``
+(the evaluation loader); ``stored_canvas`` pads a built image for training.
 
 Failures raise ``ImageError`` whose ``reason`` is one of ``REASONS``.
 """
@@ -88,8 +92,8 @@ def load(img) -> None:
                      f'{type(e).__name__}: {e}') from None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-  """Converts any PIL mode to RGB (alpha dropped, 16-bit scaled, not clipped)."""
+def _pil_rgb(img: Image.Image) -> Image.Image:
+  """Any PIL mode as RGB (alpha dropped, 16-bit scaled, not clipped)."""
   if img.mode == 'RGB':
     return img
   if img.mode in _SIXTEEN_BIT:
@@ -105,8 +109,45 @@ def to_rgb(img: Image.Image) -> Image.Image:
                      f'cannot convert mode {img.mode} to RGB: {e}') from None
 
 
+def to_rgb(image: Union[np.ndarray, Image.Image]) -> np.ndarray:
+  """Three channels ``[H, W, 3]`` of an image array or a PIL image.
+
+  Arrays: greyscale ``[H, W]`` / ``[H, W, 1]`` is repeated, RGBA drops
+  alpha, the dtype is kept. PIL images (uint8 result): every mode PIL
+  converts, with the 16-bit and CMYK rules of the module docstring.
+  """
+  if isinstance(image, Image.Image):
+    return np.asarray(_pil_rgb(image))
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3:
+    raise ValueError(f'expected an image [H, W] or [H, W, C], got shape {image.shape}')
+  channels = image.shape[-1]
+  if channels == 1:
+    return np.repeat(image, 3, axis=-1)
+  if channels in (3, 4):
+    return image[..., :3]
+  raise ValueError(f'expected 1, 3 or 4 channels, got {channels} (shape {image.shape})')
+
+
+def flair_size(height: int, width: int, canvas: int) -> tuple[int, int]:
+  """PyTorch FLAIR's resized ``(h, w)``: each side over ``longest / canvas``.
+
+  Float division truncated, exactly as FLAIR computes it; the longest side
+  can come out one short of ``canvas`` (then padded).
+  """
+  scale = max(height, width) / canvas
+  return int(height / scale), int(width / scale)
+
+
 def fit_size(height: int, width: int, canvas: int) -> tuple[int, int]:
-  """(height, width) with the longest side == canvas, aspect kept (floored)."""
+  """Stored ``(h, w)``: the longest side exactly ``canvas``, aspect kept.
+
+  The short side is FLAIR's ``flair_size`` computed in exact integers
+  (floored, at least 1), so a stored image always spans the canvas; square
+  images go straight to ``canvas x canvas`` as in FLAIR's transfer loader.
+  """
   if height == width:
     return canvas, canvas
   long_side = max(height, width)
@@ -172,13 +213,85 @@ def foreground_box(rgb_hw3: np.ndarray):
   return rows.start, rows.stop, cols.start, cols.stop
 
 
-def crop_foreground(img: Image.Image) -> Image.Image:
-  """Crops an RGB image to its field of view (unchanged when none is found)."""
-  box = foreground_box(np.asarray(img))
+def crop_foreground(image: np.ndarray) -> np.ndarray:
+  """FLAIR's field-of-view crop of uint8 ``[H, W, 3]`` pixels (unchanged if none)."""
+  if image.dtype != np.uint8:
+    raise ValueError(f'the field-of-view crop expects uint8 pixels, got {image.dtype}')
+  box = foreground_box(image)
   if box is None:
-    return img
+    return image
   top, bottom, left, right = box
-  return img.crop((left, top, right, bottom))
+  return image[top:bottom, left:right]
+
+
+def pad_to_canvas(image: np.ndarray, canvas: int) -> np.ndarray:
+  """``[canvas, canvas, C]``: zero padding at the bottom and right."""
+  h, w = image.shape[:2]
+  if (h, w) == (canvas, canvas):
+    return image
+  return np.pad(image, ((0, canvas - h), (0, canvas - w), (0, 0)))
+
+
+def _resize_antialiased(x: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Antialiased bilinear resize of float ``[h, w, C]``: torchvision's
+  ``Resize(antialias=True)``, which FLAIR uses, as JAX computes it."""
+  if (height, width) == x.shape[:2]:
+    return x
+  import jax  # pylint: disable=g-import-not-at-top  # builders and readers never need it
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return np.asarray(jax.image.resize(jnp.asarray(x), (height, width, x.shape[2]),
+                                     method='linear', antialias=True))
+
+
+def flair_inference_canvas(image: np.ndarray, canvas: int = 512) -> np.ndarray:
+  """PyTorch FLAIR's ``FLAIRModel.preprocess_image``: float32 ``[S, S, 3]``.
+
+  Values in [0, 1] (the image is divided by 255 unless all black), both
+  sides resized by ``flair_size`` (antialiased bilinear), zero padding at
+  the bottom and right.
+  """
+  x = np.asarray(to_rgb(image), np.float32)
+  if x.max() > 0:  # FLAIR divides only when the image is not all black.
+    x = x / 255.0
+  return pad_to_canvas(_resize_antialiased(x, *flair_size(*x.shape[:2], canvas)), canvas)
+
+
+def flair_transfer_canvas(image: np.ndarray, canvas: int = 512, crop: bool = False) -> np.ndarray:
+  """PyTorch FLAIR's transfer loader: float32 ``[S, S, 3]``.
+
+  Optional field-of-view crop, division by 255 unless the values are
+  already in [0, 1], square images resized straight to the canvas, others
+  by ``flair_size`` with zero padding at the bottom and right.
+  """
+  image = to_rgb(image)
+  if crop:
+    image = crop_foreground(image)
+  x = np.asarray(image, np.float32)
+  if x.max() > 1:  # FLAIR's loader scales only images that are not already in [0, 1].
+    x = x / 255.0
+  h, w = x.shape[:2]
+  size = (canvas, canvas) if h == w else flair_size(h, w, canvas)
+  return pad_to_canvas(_resize_antialiased(x, *size), canvas)
+
+
+def stored_canvas(image, canvas: int) -> np.ndarray:
+  """A stored image as uint8 ``[canvas, canvas, 3]``, padded bottom and right.
+
+  Args:
+    image: uint8 ``[h, w, 3]`` array or encoded PNG/JPEG bytes, longest side
+      ``canvas`` (as the builders store it).
+  """
+  if isinstance(image, (bytes, np.bytes_)):
+    image = decode(bytes(image))
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f'image has dtype {image.dtype} and shape {image.shape}; expected uint8 '
+                     '[h, w, 3] RGB')
+  h, w, _ = image.shape
+  if max(h, w) != canvas:
+    raise ValueError(f'image is {h}x{w} but the canvas is {canvas}: the dataset was built for '
+                     f'another canvas; expected the longest side == {canvas}')
+  return pad_to_canvas(image, canvas)
 
 
 def encode(img: Image.Image, image_format: str = 'png',
@@ -197,7 +310,7 @@ def encode(img: Image.Image, image_format: str = 'png',
 def decode(data: bytes) -> np.ndarray:
   """uint8 HxWx3 pixels of encoded RGB bytes."""
   with Image.open(io.BytesIO(data)) as img:
-    return np.asarray(to_rgb(img), dtype=np.uint8)
+    return to_rgb(img)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,9 +336,9 @@ def prepare(source: Source, canvas: int, *, image_format: str = 'png',
       h, w = fit_size(img.height, img.width, canvas)
       img.draft(None, (w, h))
     load(img)
-    rgb = to_rgb(img)
+    rgb = _pil_rgb(img)
     if crop:
-      rgb = crop_foreground(rgb)
+      rgb = Image.fromarray(crop_foreground(np.asarray(rgb)))
     rgb = resize_longest(rgb, canvas, None if crop else original)
     return Prepared(encode(rgb, image_format, jpeg_quality), original,
                     (rgb.height, rgb.width))

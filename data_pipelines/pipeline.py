@@ -1,4 +1,4 @@
-"""The grain input pipelines: pre-training batches and evaluation batches.
+"""The grain input pipeline of pre-training batches.
 
 Each element of the grain dataset is one whole per-process batch, built by a
 module-level transform from the batch's number alone. Worker processes
@@ -21,46 +21,19 @@ batch ``i`` of a single-process run with batch ``P*b``.
 
 from __future__ import annotations
 
-import io
-import math
 from typing import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
-import PIL.Image
 
 from data_pipelines import captions as captions_lib
 from data_pipelines import categories as categories_lib
+from data_pipelines import images as images_lib
 from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import sampling as sampling_lib
 from data_pipelines import tokenizer as tokenizer_lib
 
 _ENDLESS_BATCHES = 2**40
-
-
-def to_canvas(image, canvas: int) -> np.ndarray:
-  """A stored image as uint8 ``[canvas, canvas, 3]``, padded bottom and right.
-
-  Args:
-    image: uint8 ``[h, w, 3]`` array or encoded PNG/JPEG bytes, longest side
-      ``canvas`` (as the builders store it).
-  """
-  if isinstance(image, (bytes, np.bytes_)):
-    with PIL.Image.open(io.BytesIO(bytes(image))) as pil:
-      image = np.asarray(pil.convert('RGB'))
-  image = np.asarray(image)
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-    raise ValueError(f'image has dtype {image.dtype} and shape {image.shape}; expected uint8 '
-                     '[h, w, 3] RGB')
-  h, w, _ = image.shape
-  if max(h, w) != canvas:
-    raise ValueError(f'image is {h}x{w} but the canvas is {canvas}: the dataset was built for '
-                     f'another canvas; expected the longest side == {canvas}')
-  if h == w:
-    return image
-  out = np.zeros((canvas, canvas, 3), np.uint8)
-  out[:h, :w] = image
-  return out
 
 
 def _process_index_and_count(process_index, process_count):
@@ -191,7 +164,7 @@ class PretrainingBatch:
         rng, captions_lib.as_texts(example['attributes']),
         captions_lib.as_texts(example['categories']), self.sampler.index.datasets[d],
         self.knowledge, self.template, self.skip_datasets)
-    return to_canvas(example['image'], self.canvas), caption, category, d
+    return images_lib.stored_canvas(example['image'], self.canvas), caption, category, d
 
   def __call__(self, i: int) -> dict[str, np.ndarray]:
     examples = [self.example(int(k)) for k in self.sample_numbers(i)]
@@ -298,65 +271,3 @@ def make_pretraining_iterator(sources: Sequence, *, batch_size: int, seed: int, 
                  'sampling': kwargs.get('sampling', 'balanced')}
   return BatchIterator(batches, worker_count=worker_count, read_threads=read_threads,
                        prefetch=prefetch, fingerprint=fingerprint, index=index)
-
-
-class EvalBatch:
-  """Builds per-process evaluation batch ``i`` (a grain map transform)."""
-
-  def __init__(self, source, *, batch_size: int, canvas: int, first: int, stop: int,
-               label_key: str | None, category_id: Callable[[str], int] | None):
-    self.source = source
-    self.batch_size = batch_size
-    self.canvas = canvas
-    self.first = first
-    self.stop = stop
-    self.label_key = label_key
-    self.category_id = category_id
-
-  def _label(self, example) -> int:
-    if self.label_key is not None:
-      return int(example[self.label_key])
-    names = captions_lib.as_texts(example['categories'])
-    return self.category_id(names[0]) if names else 0
-
-  def __call__(self, i: int) -> dict[str, np.ndarray]:
-    b, c = self.batch_size, self.canvas
-    batch = {'image': np.zeros((b, c, c, 3), np.uint8), 'label': np.zeros((b,), np.int32),
-             'index': np.full((b,), -1, np.int32), 'valid': np.zeros((b,), bool)}
-    for t, g in enumerate(range(self.first + i * b, min(self.first + (i + 1) * b, self.stop))):
-      example = self.source[g]
-      batch['image'][t] = to_canvas(example['image'], c)
-      batch['label'][t] = self._label(example)
-      batch['index'][t], batch['valid'][t] = g, True
-    return batch
-
-
-def make_eval_iterator(source, *, batch_size: int, canvas: int = 512, label_key: str | None = None,
-                       category_id: Callable[[str], int] | None = None,
-                       process_index: int | None = None, process_count: int | None = None,
-                       worker_count: int = 0, read_threads: int = 1,
-                       prefetch: int = 2) -> BatchIterator:
-  """Sequential batches of a test split: every example once, no randomness.
-
-  Process ``j`` of ``P`` reads the ``j``-th contiguous block of
-  ``ceil(N / P)`` examples; every process gets the same number of batches,
-  the last ones padded (``valid`` False, ``index`` -1).
-
-  Batch: ``image`` uint8 ``[b, C, C, 3]``, ``label`` int32 ``[b]``
-  (``example[label_key]``, e.g. ``'label'`` for ``fundus_classification``;
-  without ``label_key`` the category id of the first category, 0 if none),
-  ``index`` int32 ``[b]`` (example number in the source), ``valid`` bool
-  ``[b]``. The iterator is finite.
-  """
-  process_index, process_count = _process_index_and_count(process_index, process_count)
-  per_process = math.ceil(len(source) / process_count)
-  first = min(process_index * per_process, len(source))
-  stop = min(first + per_process, len(source))
-  if label_key is None and category_id is None:
-    category_id = categories_lib.category_id
-  make_batch = EvalBatch(source, batch_size=batch_size, canvas=canvas, first=first, stop=stop,
-                         label_key=label_key, category_id=category_id)
-  num_batches = max(1, math.ceil(per_process / batch_size))
-  batches = grain.MapDataset.range(num_batches).map(make_batch)
-  return BatchIterator(batches, worker_count=worker_count, read_threads=read_threads,
-                       prefetch=prefetch)

@@ -8,9 +8,10 @@ Mirrors PyTorch FLAIR's ``FLAIRModel.forward``: the image is scaled to
 [0, 1] and put on the square canvas (longest side ``image_size``, zero
 padding bottom and right), each class name goes into the caption, all
 captions are encoded as one batch, ``logits = exp(clamped logit_scale) *
-img @ txt.T`` and ``probs`` is their softmax over classes. The towers run
-under ``jax.jit`` (one compilation per batch shape); text embeddings are
-cached per class list.
+img @ txt.T`` and ``probs`` is their softmax over classes. The towers are
+the model's ``encoder.Encoder`` (one compilation per batch shape, batches
+split over this process's devices); text embeddings are cached per class
+list.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines import images as images_lib
 from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from flair_jax import checkpoint, convert
-from flair_jax.evaluation import zero_shot
-from flair_jax.models import FLAIRTowers, build_model, clamp_logit_scale
+from flair_jax import encoder as encoder_lib
+from flair_jax.models import FLAIRTowers, build_model
 from flair_jax.models.state import assign_state
-from flair_jax.preprocess import preprocess_batch
 
-TEXT_ROWS_MULTIPLE = 8  # text batches are padded to a multiple: fewer compilations
 Knowledge = Union[str, os.PathLike, Mapping[str, Sequence[str]]]
 
 
@@ -95,7 +95,7 @@ class FLAIRModel:
   """
 
   def __init__(self, model: FLAIRTowers, tokenizer, *, image_size: int = 512,
-               caption: str = zero_shot.CAPTION):
+               caption: str = encoder_lib.CAPTION):
     if '[CLS]' not in caption:
       raise ValueError(f'caption {caption!r} has no [CLS] placeholder for the class name')
     model.eval()
@@ -103,19 +103,9 @@ class FLAIRModel:
     self.tokenizer = tokenizer
     self.image_size = int(image_size)
     self.caption = caption
-    self.graphdef, self.state = nnx.split(model)
-    graphdef = self.graphdef
-
-    def images_fn(state, images_bhwc):
-      m = nnx.merge(graphdef, state)
-      feat_bf = m.image_features(images_bhwc)
-      return feat_bf.astype(jnp.float32), m.vision_projection(feat_bf)
-
-    def text_fn(state, ids_bl, mask_bl):
-      return nnx.merge(graphdef, state).encode_text(ids_bl, mask_bl)
-
-    self._images_fn = jax.jit(images_fn)
-    self._text_fn = jax.jit(text_fn)
+    graphdef, state = nnx.split(model)
+    self.encoder = encoder_lib.Encoder(graphdef)
+    self._state = self.encoder.place(state)
     self._cache = {}
 
   @classmethod
@@ -143,41 +133,29 @@ class FLAIRModel:
 
   def logit_scale(self, clamped: bool = True) -> float:
     """The log-temperature; FLAIR clamps it into [0, ln 100] in ``forward``."""
-    value = self.model.logit_scale[...]
-    return float(clamp_logit_scale(value) if clamped else value)
+    return encoder_lib.logit_scale(self._state, clamped)
 
   def preprocess(self, image) -> jax.Array:
     """FLAIR's canvas ``[B, S, S, 3]`` float32 from uint8 image(s)."""
-    return preprocess_batch(_image_list(image), self.image_size)
+    return jnp.asarray(np.stack([images_lib.flair_inference_canvas(im, self.image_size)
+                                 for im in _image_list(image)]))
 
   def image_features(self, images_bhwc) -> tuple[np.ndarray, np.ndarray]:
     """``(features [B, 2048], embeddings [B, proj_dim])`` of canvases."""
-    feat_bf, emb_bd = self._images_fn(self.state, jnp.asarray(images_bhwc, jnp.float32))
-    return np.asarray(feat_bf), np.asarray(emb_bd)
+    return self.encoder.image_features(self._state, images_bhwc)
 
   def encode_images(self, image) -> np.ndarray:
     """Projected image embeddings ``[B, proj_dim]`` of raw image(s)."""
     return self.image_features(self.preprocess(image))[1]
 
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-    """Embeddings ``[T, proj_dim]`` of texts encoded as ONE batch.
-
-    FLAIR pads a batch to its longest text and its pooling averages over
-    those positions; ids padded to 77 with the ``'flair'`` pooling give the
-    same numbers. Rows are padded to a multiple of 8 with copies of the
-    first text (same longest length) to limit recompilation.
-    """
+    """Embeddings ``[T, proj_dim]`` of texts encoded as ONE batch
+    (``encoder.Encoder.text_embeddings``)."""
     texts = list(texts)
     if not texts:
       raise ValueError('no texts to encode')
     ids_tl, lengths_t = tokenizer_lib.tokenize(self.tokenizer, texts)
-    rows = -(-len(texts) // TEXT_ROWS_MULTIPLE) * TEXT_ROWS_MULTIPLE
-    pad = np.zeros(rows - len(texts), np.int64)
-    ids_tl = np.concatenate([ids_tl, ids_tl[pad]])
-    lengths_t = np.concatenate([lengths_t, lengths_t[pad]])
-    mask_tl = (np.arange(ids_tl.shape[1])[None] < lengths_t[:, None]).astype(np.int32)
-    emb = self._text_fn(self.state, jnp.asarray(ids_tl), jnp.asarray(mask_tl))
-    return np.asarray(emb)[:len(texts)]
+    return self.encoder.text_embeddings(self._state, ids_tl, lengths_t)
 
   def prompt_embeddings(self, categories: Sequence[str]) -> np.ndarray:
     """Caption embeddings ``[C, proj_dim]`` of class names, one batch (cached)."""
@@ -191,7 +169,7 @@ class FLAIRModel:
                               ) -> tuple[dict, np.ndarray]:
     """FLAIR's class prototypes (cached per class list and dictionary).
 
-    Each class's prompts (``zero_shot.class_prompts``) are encoded as their
+    Each class's prompts (``encoder.class_prompts``) are encoded as their
     own batch and their embeddings averaged (not re-normalised).
 
     Args:
@@ -210,9 +188,9 @@ class FLAIRModel:
       knowledge, tag = None, None
     key = ('prototypes', tuple(categories), tag, self.caption)
     if key not in self._cache:
-      protos = [self.encode_texts(zero_shot.class_prompts(c, knowledge, self.caption)).mean(0)
-                for c in categories]
-      self._cache[key] = np.stack(protos) if protos else np.zeros((0, 0), np.float32)
+      prompts = encoder_lib.ClassPrompts.build(self.tokenizer, categories, knowledge,
+                                               self.caption)
+      self._cache[key] = prompts.prototypes(self.encoder, self._state)
     protos_cd = self._cache[key]
     return {c: protos_cd[i:i + 1] for i, c in enumerate(categories)}, protos_cd
 
@@ -238,6 +216,6 @@ class FLAIRModel:
     if not categories:
       raise ValueError('no class names given; pass e.g. ["normal", "glaucoma"]')
     img_bd = self.encode_images(image)
-    probs, logits = zero_shot.zero_shot_logits(img_bd, self.prompt_embeddings(categories),
-                                               self.logit_scale(clamped=True))
+    probs, logits = encoder_lib.zero_shot_logits(img_bd, self.prompt_embeddings(categories),
+                                                 self.logit_scale(clamped=True))
     return np.asarray(probs), np.asarray(logits)

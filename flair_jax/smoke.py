@@ -11,14 +11,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
 
 from data_pipelines import console
+from data_pipelines import images as images_lib
+from flair_jax import encoder as encoder_lib
 from flair_jax.models import ModelConfig, build_model
-from flair_jax.preprocess import preprocess_image
 
 
 def _timed(fn, *args):
@@ -40,25 +40,25 @@ def main(argv=None):
   asset = importlib.resources.files('flair_jax') / 'assets' / 'fundus_example.jpg'
   with asset.open('rb') as f:
     image = np.asarray(Image.open(f).convert('RGB'))
-  pixels = preprocess_image(image, args.image_size)[None]
+  pixels = images_lib.flair_inference_canvas(image, args.image_size)[None]
   print(f'devices: {jax.devices()}')
   print(f'image {image.shape} -> canvas {tuple(pixels.shape)}')
 
   # ResNet-50 and a BERT-base-shaped text tower, random weights.
   model = build_model(ModelConfig(), rngs=nnx.Rngs(0))
-  model.eval()
   graphdef, state = nnx.split(model)
-  encode_image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
-  encode_text = jax.jit(lambda s, i, m: nnx.merge(graphdef, s).encode_text(i, m))
+  encoder = encoder_lib.Encoder(graphdef)
+  state = encoder.place(state)
+  encode_image = lambda s, x: encoder.image_features(s, x)[1]
 
   ids = np.zeros((1, 77), np.int32)
   ids[0, :8] = [101, 170, 17733, 20948, 8329, 1104, 2999, 102]
-  mask = (ids > 0).astype(np.int32)
+  lengths = np.asarray([8], np.int32)
   img, t_first, t_img = _timed(encode_image, state, pixels)
-  txt, u_first, t_txt = _timed(encode_text, state, jnp.asarray(ids), jnp.asarray(mask))
+  txt, u_first, t_txt = _timed(encoder.text_embeddings, state, ids, lengths)
   print(f'image embedding {tuple(img.shape)}: compile+run {t_first:.2f} s, run {t_img * 1e3:.1f} ms')
   print(f'text embedding  {tuple(txt.shape)}: compile+run {u_first:.2f} s, run {t_txt * 1e3:.1f} ms')
-  print(f'norms: image {float(jnp.linalg.norm(img)):.4f}, text {float(jnp.linalg.norm(txt)):.4f}')
+  print(f'norms: image {float(np.linalg.norm(img)):.4f}, text {float(np.linalg.norm(txt)):.4f}')
 
 
 if __name__ == '__main__':

@@ -313,19 +313,15 @@ def test_zero_shot_command_matches_pytorch_flair(downstream, capsys):
 
 @pytest.fixture(scope='module')
 def loaded(downstream):
-  """The checkpoint loaded once, with its sharded image encoder."""
-  from flair_jax.evaluation import features
+  """The checkpoint loaded once (its encoder compiles once for both tests)."""
   from flair_jax.inference import FLAIRModel
-  model = FLAIRModel.from_pretrained(downstream['ckpt'])
-  return model, features.ImageEncoder(model.graphdef, model.state)
+  return FLAIRModel.from_pretrained(downstream['ckpt'])
 
 
 def test_linear_probe_follows_flair_folds(downstream, loaded):
   from flair_jax.evaluation import run
-  model, encoder = loaded
-  results = run.run(model, downstream['dataset'], run.Experiment(
-      method='linear-probe', folds=2, shots_train='60%', shots_test='40%'),
-                    encoder=encoder, progress=False)
+  results = run.run(loaded, downstream['dataset'], run.Experiment(
+      method='linear-probe', folds=2, shots_train='60%', shots_test='40%'), progress=False)
   labels = downstream['dataset'].labels
   assert len(results['folds']) == 2
   for k, (fold, pred) in enumerate(zip(results['folds'], results['predictions'])):
@@ -343,11 +339,10 @@ def test_linear_probe_follows_flair_folds(downstream, loaded):
 
 def test_adapters_run_on_the_set(downstream, loaded):
   from flair_jax.evaluation import run
-  model, encoder = loaded
   for method in ('clip-adapter', 'tip-adapter', 'tip-adapter-f'):
-    results = run.run(model, downstream['dataset'],
+    results = run.run(loaded, downstream['dataset'],
                       run.Experiment(method=method, folds=1, shots_train='50%', shots_test='50%'),
-                      encoder=encoder, progress=False)
+                      progress=False)
     probs = results['predictions'][0]['probs']
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert 0 <= results['summary']['aca']['mean'] <= 1

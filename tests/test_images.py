@@ -210,3 +210,37 @@ def test_pixel_limit_refuses_from_header_without_decoding():
   assert reason(bomb, max_pixels=40_000_000) == 'truncated_image'
   # Past PIL's own bomb limit, PIL refuses in open(); same reason.
   assert reason(png_header_only(20000, 20000), max_pixels=10**10) == 'too_many_pixels'
+
+
+def test_stored_canvas_reads_arrays_png_and_jpeg_and_refuses_another_canvas():
+  canvas = 16
+  image = np.random.default_rng(1).integers(0, 256, (canvas, 9, 3), dtype=np.uint8)
+  expected = np.zeros((canvas, canvas, 3), np.uint8)
+  expected[:, :9] = image
+  np.testing.assert_array_equal(images.stored_canvas(image, canvas), expected)
+  np.testing.assert_array_equal(images.stored_canvas(png_bytes(Image.fromarray(image)), canvas),
+                                expected)
+  jpeg = images.encode(Image.fromarray(image), 'jpeg')
+  decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB'))
+  np.testing.assert_array_equal(images.stored_canvas(jpeg, canvas)[:, :9], decoded)
+  with pytest.raises(ValueError, match='canvas is 32'):
+    images.stored_canvas(image, 32)
+
+
+def test_array_to_rgb_repeats_greyscale_and_drops_alpha():
+  grey = RNG.integers(0, 256, (7, 5), dtype=np.uint8)
+  np.testing.assert_array_equal(images.to_rgb(grey), np.repeat(grey[..., None], 3, -1))
+  np.testing.assert_array_equal(images.to_rgb(grey[..., None]), np.repeat(grey[..., None], 3, -1))
+  rgba = RNG.integers(0, 256, (7, 5, 4), dtype=np.uint8)
+  np.testing.assert_array_equal(images.to_rgb(rgba), rgba[..., :3])
+  with pytest.raises(ValueError, match='channels'):
+    images.to_rgb(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_flair_size_is_float_division_and_fit_size_exact():
+  # FLAIR's int(side / (longest / canvas)) in floats: 116 / (116 / 224) and
+  # 35 / (56 / 24) fall just below 224 and 15; exact integers do not.
+  assert images.flair_size(116, 116, 224) == (223, 223)
+  assert images.fit_size(116, 116, 224) == (224, 224)
+  assert images.flair_size(35, 56, 24) == (14, 24)
+  assert images.fit_size(35, 56, 24) == (15, 24)  # 35 * 24 // 56 = 15

@@ -13,6 +13,7 @@ from PIL import Image
 
 import flair_jax
 from data_pipelines.tokenizer import load_tokenizer
+from flair_jax import encoder
 from flair_jax.inference import FLAIRModel
 from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
 from tests import torch_flair
@@ -142,10 +143,10 @@ def test_batch_of_mixed_sizes_equals_single_calls_and_compiles_once(setup, photo
     p, l = model(image, CLASSES[:3])
     np.testing.assert_allclose(logits[i], l[0], atol=1e-5)
     np.testing.assert_allclose(probs[i], p[0], atol=1e-6)
-  compiled = model._images_fn._cache_size()
+  traced = dict(encoder.trace_counts)
   model(batch[::-1], CLASSES[:3])
   model(np.stack([photos[1], photos[1]]), CLASSES[:3])  # a [B, H, W, C] array
-  assert model._images_fn._cache_size() == compiled  # same batch shape: no new compile
+  assert dict(encoder.trace_counts) == traced  # same batch shape: no new trace
 
 
 @pytest.mark.parametrize('domain_knowledge', [True, False])
@@ -162,7 +163,7 @@ def test_text_prototypes_match_pytorch_flair(setup, domain_knowledge):
 
 
 def test_knowledge_prompts_follow_flair_rules():
-  from flair_jax.evaluation.zero_shot import class_descriptions
+  from flair_jax.encoder import class_descriptions
   knowledge = _knowledge()
   assert class_descriptions('glaucoma', knowledge) == knowledge['glaucoma'] + ['glaucoma']
   assert class_descriptions('no glaucoma', knowledge) == ['no glaucoma']  # already listed

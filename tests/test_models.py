@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flair_jax import preprocess
+from data_pipelines import images
 from flair_jax.convert.pretrained import read_bert_config
 from flair_jax.models import Bert, BertConfig, ModelConfig, ResNet, build_model, flair_text_pool
 from tests import torch_flair
@@ -167,7 +167,7 @@ def _flair_torch_preprocess(image: np.ndarray, size: int) -> np.ndarray:
 def test_preprocess_matches_torchvision_resize_and_pad(fundus_dir, name):
   image = np.asarray(Image.open(fundus_dir / name).convert('RGB'))
   want = _flair_torch_preprocess(image, 512)
-  got = np.asarray(preprocess.preprocess_image(image, 512))
+  got = np.asarray(images.flair_inference_canvas(image, 512))
   assert got.shape == want.shape == (512, 512, 3)
   assert np.max(np.abs(got - want)) <= 2 / 255
 
@@ -175,11 +175,11 @@ def test_preprocess_matches_torchvision_resize_and_pad(fundus_dir, name):
 def test_preprocess_greyscale_and_rgba_become_rgb(fundus_dir):
   grey = np.asarray(Image.open(fundus_dir / 'skimage_microaneurysms.png'))
   assert grey.ndim == 2
-  out = np.asarray(preprocess.preprocess_image(grey, 64))
+  out = np.asarray(images.flair_inference_canvas(grey, 64))
   assert out.shape == (64, 64, 3)
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
   rgba = np.dstack([np.full((10, 20, 3), 255, np.uint8), np.zeros((10, 20, 1), np.uint8)])
-  out = np.asarray(preprocess.preprocess_image(rgba, 40))
+  out = np.asarray(images.flair_inference_canvas(rgba, 40))
   np.testing.assert_allclose(out[:20], 1.0)  # alpha dropped, not applied
   np.testing.assert_array_equal(out[20:], 0.0)  # bottom padding
 

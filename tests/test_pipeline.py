@@ -1,4 +1,4 @@
-"""The grain pre-training and evaluation pipelines on small in-memory sources.
+"""The grain pre-training pipeline on small in-memory sources.
 
 Each stored image carries its identity in pixel (0, 0) = (source, record, 7),
 so a test reads which example a batch row came from without asking the
@@ -278,43 +278,6 @@ def test_num_epochs_ends_the_stream(sources, tokenizer, index):
   assert len([batch for batch in iterator]) == 5
 
 
-def test_to_canvas_reads_arrays_png_and_jpeg_and_refuses_another_canvas():
-  image = np.random.default_rng(1).integers(0, 256, (CANVAS, 9, 3), dtype=np.uint8)
-  expected = np.zeros((CANVAS, CANVAS, 3), np.uint8)
-  expected[:, :9] = image
-  np.testing.assert_array_equal(pipeline.to_canvas(image, CANVAS), expected)
-  np.testing.assert_array_equal(pipeline.to_canvas(_encode(image, 'PNG'), CANVAS), expected)
-  jpeg = _encode(image, 'JPEG')
-  decoded = np.asarray(PIL.Image.open(io.BytesIO(jpeg)).convert('RGB'))
-  np.testing.assert_array_equal(pipeline.to_canvas(jpeg, CANVAS)[:, :9], decoded)
-  with pytest.raises(ValueError, match='canvas is 32'):
-    pipeline.to_canvas(image, 32)
-
-
-def test_eval_iterator_reads_every_example_once_across_processes(sources):
-  source = sources[1]  # 11 examples
-  seen, labels = [], {}
-  for j in range(2):
-    batches = list(pipeline.make_eval_iterator(source, batch_size=4, canvas=CANVAS, process_index=j,
-                                               process_count=2))
-    assert len(batches) == 2  # ceil(ceil(11 / 2) / 4) on both processes
-    for batch in batches:
-      for row in np.flatnonzero(batch['valid']):
-        s, r = _identity(batch['image'][row])
-        assert (s, r) == (1, batch['index'][row])
-        seen.append(r)
-        labels[r] = batch['label'][row]
-      assert (batch['index'][~batch['valid']] == -1).all()
-  assert sorted(seen) == list(range(11))
-  for r, (_, cats, _) in enumerate(RECORDS[1]):
-    assert labels[r] == categories_lib.category_id(cats[0])
-  labelled = [{'image': e['image'], 'label': np.int64(10 + n)} for n, e in enumerate(source)]
-  batches = list(pipeline.make_eval_iterator(labelled, batch_size=8, canvas=CANVAS, label_key='label',
-                                             process_index=0, process_count=1))
-  np.testing.assert_array_equal(np.concatenate([b['label'][b['valid']] for b in batches]),
-                                np.arange(10, 21))
-
-
 @pytest.fixture(scope='module')
 def synthetic_build(tmp_path_factory):
   from data_pipelines import build as build_lib  # pylint: disable=g-import-not-at-top
@@ -349,9 +312,3 @@ def test_built_fundus_synthetic_through_tfds_data_source(synthetic_build, tokeni
       allowed = {categories_lib.category_id(c.decode()) for e in examples
                  if e['dataset'].decode() == dataset for c in e['categories']}
       assert batch['category'][row] in allowed
-  test = tfds.data_source(name, split='test', data_dir=data_dir, download=False)
-  labels = np.concatenate([b['label'][b['valid']] for b in pipeline.make_eval_iterator(
-      test, batch_size=4, canvas=32, process_index=0, process_count=1)])
-  expected = [categories_lib.category_id(test[i]['categories'][0].decode())
-              for i in range(len(test))]
-  np.testing.assert_array_equal(labels, expected)

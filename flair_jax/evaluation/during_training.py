@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Mapping
 
 from flax import nnx
 
+from data_pipelines import knowledge as knowledge_lib
+from flair_jax import encoder as encoder_lib
 from flair_jax import parallel
 from flair_jax.evaluation import run as eval_run
 
@@ -18,8 +21,10 @@ METRICS = ('aca', 'kappa', 'f1_avg', 'auc_avg')
 class ZeroShotDuringTraining:
   """Zero-shot balanced accuracy (and friends) on the configured sets.
 
-  Built once before training; called with the current parameters. Runs on
-  this process's devices alone: call it on one process.
+  Built once before training: the encoder (traced at its first call, once
+  per batch shape) and every set's tokenized prompts; each call passes the
+  current weights and recomputes the class prototypes. Runs on this
+  process's devices alone: call it on one process.
 
   Args:
     sets: ``{key: DownstreamSet}``.
@@ -27,29 +32,38 @@ class ZeroShotDuringTraining:
     tokenizer: its tokenizer.
     model_config: its ``ModelConfig`` (canvas size and caption).
     domain_knowledge, knowledge, batch_size: as ``evaluation.run.Experiment``.
+    mesh: the encoder's mesh; default: this process's devices.
   """
 
   def __init__(self, sets: Mapping, *, graphdef, tokenizer, model_config,
-               domain_knowledge: bool, knowledge: str, batch_size: int):
+               domain_knowledge: bool, knowledge: str, batch_size: int, mesh=None):
     self.sets = dict(sets)
-    self._graphdef = graphdef
-    self._tokenizer = tokenizer
-    self._model_config = model_config
+    self._image_size = model_config.image_size
     self._experiment = eval_run.Experiment(method='zero-shot', domain_knowledge=domain_knowledge,
-                                           knowledge=knowledge, batch_size=batch_size)
+                                           knowledge=knowledge, batch_size=batch_size).resolved()
+    self._encoder = encoder_lib.Encoder(graphdef, mesh) if self.sets else None
+    dictionary = knowledge_lib.load_knowledge(knowledge) if self.sets and domain_knowledge else None
+    self._prompts = {
+        key: encoder_lib.ClassPrompts.build(tokenizer, data.class_names, dictionary,
+                                            model_config.caption)
+        for key, data in self.sets.items()}
 
   def __bool__(self) -> bool:
     return bool(self.sets)
 
   def __call__(self, params, batch_stats) -> dict:
     """``{'zero_shot/<set>/<metric>': value}`` of the model with these weights."""
-    from flair_jax.inference import FLAIRModel  # pylint: disable=g-import-not-at-top
-    mc = self._model_config
-    model = nnx.merge(self._graphdef, parallel.to_host(params), parallel.to_host(batch_stats))
-    flair = FLAIRModel(model, self._tokenizer, image_size=mc.image_size, caption=mc.caption)
+    state = self._encoder.place(
+        nnx.merge_state(parallel.to_host(params), parallel.to_host(batch_stats)))
+    logit_scale = encoder_lib.logit_scale(state, clamped=False)
+    encode = functools.partial(self._encoder.image_features, state)
     results = {}
     for key, data in self.sets.items():
-      summary = eval_run.run(flair, data, self._experiment, progress=False)['summary']
+      feat_nf, emb_nd = eval_run.set_features(encode, self._encoder, data, self._experiment,
+                                              self._image_size, progress=False)
+      prototypes_cd = self._prompts[key].prototypes(self._encoder, state)
+      summary = eval_run.score(self._experiment, data, feat_nf, emb_nd, prototypes_cd,
+                               logit_scale)['summary']
       for metric in METRICS:
         if metric in summary:
           value = summary[metric]

@@ -11,8 +11,6 @@ import dataclasses
 import logging
 from typing import Optional
 
-import numpy as np
-
 from flair_jax.evaluation import adapters, features, linear_probe, metrics, splits, zero_shot
 from flair_jax.evaluation.data import DownstreamSet
 
@@ -77,31 +75,65 @@ def _fold_probs(method, fold_seed, split, feat_nf, emb_nd, labels_n, prototypes_
   return adapters.predict_tip_adapter(emb_nd[test], prototypes_cd, keys, values)
 
 
-def run(model, data: DownstreamSet, experiment: Experiment, *, encoder=None,
-        progress: bool = True) -> dict:
-  """Runs an experiment on a set with a ``FLAIRModel``.
+def check_labels(data: DownstreamSet) -> None:
+  """Raises when a label has no class name."""
+  num_classes = len(data.class_names)
+  if data.labels.size and data.labels.max() >= num_classes:
+    raise ValueError(f'{data.name}: label {int(data.labels.max())} but only {num_classes} classes')
 
+
+def set_features(encode: features.Encode, encoder, data: DownstreamSet, experiment: Experiment,
+                 image_size: int, *, progress: bool = True):
+  """``(features [N, F], embeddings [N, D])`` of a set's images.
+
+  Args:
+    encode: canvases -> ``(features, embeddings)`` with the model's weights.
+    encoder: the ``encoder.Encoder`` behind ``encode`` (its batch rounding).
+    data, experiment: the set and what to run (batch size, crop, canvas).
+    image_size: the model's canvas side, unless the experiment sets one.
+  """
+  check_labels(data)
+  return features.extract(
+      encode, data.images, batch_size=encoder.round_batch(experiment.batch_size, len(data.images)),
+      image_size=experiment.image_size or image_size, crop=experiment.crop_foreground,
+      desc=f'{data.name} features', num_workers=experiment.num_workers, progress=progress)
+
+
+def run(model, data: DownstreamSet, experiment: Experiment, *, progress: bool = True) -> dict:
+  """Runs an experiment on a set with a ``FLAIRModel`` (its encoder and prompts).
+
+  Returns:
+    ``score``'s results.
+  """
+  exp = experiment.resolved()
+  feat_nf, emb_nd = set_features(model.image_features, model.encoder, data, exp,
+                                 model.image_size, progress=progress)
+  prototypes_cd = None
+  if exp.method != 'linear-probe':
+    _, prototypes_cd = model.compute_text_embeddings(
+        list(data.class_names), domain_knowledge=exp.domain_knowledge, knowledge=exp.knowledge)
+  # FLAIR's adapters exponentiate the stored parameter (its forward clamps).
+  return score(exp, data, feat_nf, emb_nd, prototypes_cd, model.logit_scale(clamped=False))
+
+
+def score(experiment: Experiment, data: DownstreamSet, feat_nf, emb_nd, prototypes_cd,
+          logit_scale: float) -> dict:
+  """The folds of an experiment on a set's features and class prototypes.
+
+  Args:
+    experiment: what to run (resolved here).
+    data: the set (labels and class names).
+    feat_nf, emb_nd: its images' features and embeddings.
+    prototypes_cd: the class prototypes; ``None`` for the linear probe.
+    logit_scale: the stored (unclamped) log-temperature.
   Returns:
     ``{'experiment', 'dataset', 'class_names', 'num_samples', 'folds':
     [per-fold metrics + split sizes], 'summary': metrics.average_folds,
     'predictions': [per fold {'test_indices' [M], 'probs' [M, C]}]}``.
   """
   exp = experiment.resolved()
+  check_labels(data)
   num_classes = len(data.class_names)
-  if data.labels.size and data.labels.max() >= num_classes:
-    raise ValueError(f'{data.name}: label {int(data.labels.max())} but only {num_classes} classes')
-  encoder = encoder or features.ImageEncoder(model.graphdef, model.state)
-  feat_nf, emb_nd = features.extract(
-      encoder, data.images, image_size=exp.image_size or model.image_size,
-      batch_size=exp.batch_size, crop=exp.crop_foreground, desc=f'{data.name} features',
-      num_workers=exp.num_workers, progress=progress)
-  prototypes_cd = None
-  if exp.method != 'linear-probe':
-    _, prototypes_cd = model.compute_text_embeddings(
-        list(data.class_names), domain_knowledge=exp.domain_knowledge, knowledge=exp.knowledge)
-  # FLAIR's adapters exponentiate the stored parameter (its forward clamps).
-  logit_scale = model.logit_scale(clamped=False)
-
   folds, predictions = [], []
   for k in range(exp.folds):
     fold_seed = exp.seed + k

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from data_pipelines.jsonio import write_json
 from flair_jax import checkpoint, parallel, trees
 from flair_jax.evaluation.during_training import ZeroShotDuringTraining
+from flair_jax.models import ModelConfig
 from flair_jax.training import checkpoints as checkpoints_lib
 from flair_jax.training import metrics_log, periodic, setup as train_setup
 from flair_jax.training import step as step_lib
@@ -50,7 +51,7 @@ class _Run:
   workdir: str
   mesh: Mesh
   data: train_setup.TrainingData
-  model_config: checkpoint.ModelConfig
+  model_config: ModelConfig
   graphdef: Any
   state: step_lib.TrainState
   train_step: Callable
