@@ -29,7 +29,3 @@ def write_json(path: str, obj: Any, *, sort_keys: bool = False) -> None:
       os.remove(tmp)
     raise
 
-
-def read_json(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)

@@ -366,3 +366,14 @@ def test_csv_downstream_set_with_foreground_crop(downstream, fundus_dir, tmp_pat
   assert written['num_samples'] == 4 and written['experiment']['crop_foreground'] is True
   with pytest.raises(ValueError, match='not in the targets'):
     data.load(str(csv_path), data_root=str(fundus_dir), targets='normal,glaucoma')
+
+
+def test_zero_shot_during_training_without_sets_gives_no_metrics():
+  """A run with periodic eval on and no eval sets logs ``{}`` and goes on."""
+  from flair_jax.evaluation.during_training import ZeroShotDuringTraining  # pylint: disable=g-import-not-at-top
+  from flair_jax.models import ModelConfig  # pylint: disable=g-import-not-at-top
+  zero_shot = ZeroShotDuringTraining({}, graphdef=None, tokenizer=None, model_config=ModelConfig(),
+                                     domain_knowledge=True, knowledge='flair_repo', batch_size=8)
+  assert not zero_shot
+  assert zero_shot(None, None) == {}
+  assert zero_shot.final(None, None) == {}

@@ -95,7 +95,8 @@ def config_from_torch(sd: Mapping, bert: BertConfig, bert_type: str,
   vision = vision_config_from_torch(sd, hub.get('vision_type', DEFAULT_HUB_VISION_TYPE))
   proj = sd.get('vision_model.projection_head_vision.projection.weight')
   if vision != VisionConfig():
-    _log.warning("the image tower is %s, not PyTorch FLAIR's ResNet-50", vision.describe())
+    _log.warning("the image tower is %s, not PyTorch FLAIR's ResNet-50",
+                 factory.describe_vision(vision))
   return ModelConfig(
       bert=bert, bert_type=bert_type, vision=vision,
       proj_dim=int(hub.get('proj_dim') or (np.shape(proj)[0] if proj is not None else 512)),
@@ -163,7 +164,7 @@ def _warn_if_not_flair_shape(config: ModelConfig) -> None:
   if not _has_flair_shapes(config):
     _log.warning('PyTorch FLAIRModel builds ResNet-50 and a 768-wide text projection; this '
                  'export (%s, text hidden %d) loads only into a model of its own shape',
-                 config.vision.describe(), config.bert.hidden_size)
+                 config.factory.describe_vision(vision), config.bert.hidden_size)
   if config.text_pooling != 'flair':
     _log.warning("text_pooling is %r; PyTorch FLAIR pools as 'flair'", config.text_pooling)
 
@@ -268,5 +269,5 @@ def describe_export(config: ModelConfig) -> str:
     return (f'{layout}); PyTorch FLAIR\'s FLAIRModel loads it unchanged '
             '(FLAIRModel.from_pretrained(folder))')
   return (f'{layout}); FLAIRModel loads it unchanged only for FLAIR\'s shapes (ResNet-50, '
-          f'768-wide BERT); these towers ({config.vision.describe()}, text hidden '
+          f'768-wide BERT); these towers ({config.factory.describe_vision(vision)}, text hidden '
           f'{config.bert.hidden_size}) load into a module of their own shape')

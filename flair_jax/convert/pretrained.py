@@ -44,7 +44,7 @@ def load_vision_weights(path: str, config: VisionConfig) -> dict:
   tower = vision_tower(config)
   sd = torch_io.read_state_dict(path)
   return _convert(tower.torch_rows, lambda: build_vision(config, rngs=nnx.Rngs(0)), sd,
-                  tower.torch_extras, f'{config.type} weights {path}')
+                  tower.torch_extras, f'{tower.name} weights {path}')
 
 
 def bert_state_dict(sd: dict) -> dict:

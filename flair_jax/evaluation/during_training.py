@@ -52,7 +52,10 @@ class ZeroShotDuringTraining:
     return bool(self.sets)
 
   def __call__(self, params, batch_stats) -> dict:
-    """``{'zero_shot/<set>/<metric>': value}`` of the model with these weights."""
+    """``{'zero_shot/<set>/<metric>': value}`` of the model with these weights
+    (``{}`` when no set is configured)."""
+    if not self.sets:
+      return {}
     state = self._encoder.place(
         nnx.merge_state(parallel.to_host(params), parallel.to_host(batch_stats)))
     logit_scale = encoder_lib.logit_scale(state, clamped=False)

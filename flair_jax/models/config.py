@@ -45,10 +45,6 @@ class VisionConfig:
   def __post_init__(self):
     object.__setattr__(self, 'stages', tuple(int(s) for s in self.stages))
 
-  def describe(self) -> str:
-    """The tower in a few words, for messages."""
-    return f'{self.type} stages {list(self.stages)}, width {self.width}'
-
   def to_dict(self) -> dict:
     return dict(type=self.type, stages=list(self.stages), width=self.width)
 

@@ -36,6 +36,11 @@ def vision_tower(config: VisionConfig) -> VisionTower:
                                   f'{sorted(VISION_TOWERS)}') from None
 
 
+def describe_vision(config: VisionConfig) -> str:
+  """The image tower in a few words, for messages."""
+  return f'{vision_tower(config).name} stages {list(config.stages)}, width {config.width}'
+
+
 def vision_type_of_hub(hub_type: str) -> str:
   """The ``VisionConfig.type`` of a PyTorch FLAIR ``vision_type``."""
   for name, tower in VISION_TOWERS.items():

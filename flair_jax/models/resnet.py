@@ -137,5 +137,5 @@ def shape_from_torch(shapes: Mapping[str, tuple]) -> dict:
 
 
 # PyTorch FLAIR names its ImageNet ResNet-50 variants resnet_v1 and resnet_v2.
-TOWER = VisionTower(build=build, torch_rows=TORCH_ROWS, torch_extras=TORCH_EXTRAS,
+TOWER = VisionTower(name='ResNet', build=build, torch_rows=TORCH_ROWS, torch_extras=TORCH_EXTRAS,
                     hub_types=('resnet_v1', 'resnet_v2'), shape_from_torch=shape_from_torch)

@@ -16,6 +16,7 @@ class VisionTower:
   attribute.
 
   Attributes:
+    name: the tower's name in messages.
     build: ``build(vision_config, *, dtype, rngs)`` -> the tower module.
     torch_rows: the tower's PyTorch key table (``models.torch_keys.Row``s).
     torch_extras: keys of the tower's own pre-trained PyTorch checkpoints
@@ -26,6 +27,7 @@ class VisionTower:
       fields (besides ``type``) of a tower state dict given as
       ``{torch_key: shape}``, keys without any prefix.
   """
+  name: str
   build: Callable
   torch_rows: tuple
   torch_extras: tuple

@@ -8,6 +8,8 @@ import contextlib
 import gc
 import logging
 import os
+import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -181,19 +183,51 @@ class Checkpoints:
 def _quiet_abandoned_reads():
   """orbax reads arrays in asyncio tasks; when one read fails, the errors of
   the others are never retrieved and asyncio logs each one, with the whole
-  TensorStore spec, when the task is collected. The failure is reported once,
-  by the caller; this drops those echoes (and only those)."""
+  TensorStore spec, when the task is collected, and TensorStore's callbacks
+  of the reads still in flight print "Event loop is closed" tracebacks
+  straight to the process's stderr once the loop of the failed restore is
+  gone. The failure is reported once, by the caller: while a restore is
+  tried, stderr goes to a temporary file, replayed as it was when the
+  restore succeeds and dropped when it fails."""
   log = logging.getLogger('asyncio')
 
   def keep(record):
     return not record.getMessage().startswith('Task exception was never retrieved')
 
   log.addFilter(keep)
-  try:
-    yield
-  finally:
-    gc.collect()  # the abandoned tasks are collected, and logged, now
-    log.removeFilter(keep)
+  sys.stderr.flush()
+  stderr_fd = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      gc.collect()  # the abandoned tasks are collected, and logged, now
+      if failed:
+        _wait_until_quiet(captured)
+      sys.stderr.flush()
+      os.dup2(stderr_fd, 2)
+      os.close(stderr_fd)
+      log.removeFilter(keep)
+      if not failed:
+        captured.seek(0)
+        os.write(2, captured.read())
+
+
+def _wait_until_quiet(captured, settle: float = 0.3, limit: float = 3.0) -> None:
+  """Waits until nothing has been written to ``captured`` for ``settle``
+  seconds (the last callbacks of abandoned reads), ``limit`` at most."""
+  deadline = time.time() + limit
+  size, since = -1, time.time()
+  while time.time() < deadline:
+    now = os.fstat(captured.fileno()).st_size
+    if now != size:
+      size, since = now, time.time()
+    elif time.time() - since >= settle:
+      return
+    time.sleep(0.05)
 
 
 def _short_reason(error: BaseException) -> str:
