@@ -164,7 +164,7 @@ def _warn_if_not_flair_shape(config: ModelConfig) -> None:
   if not _has_flair_shapes(config):
     _log.warning('PyTorch FLAIRModel builds ResNet-50 and a 768-wide text projection; this '
                  'export (%s, text hidden %d) loads only into a model of its own shape',
-                 config.factory.describe_vision(vision), config.bert.hidden_size)
+                 factory.describe_vision(config.vision), config.bert.hidden_size)
   if config.text_pooling != 'flair':
     _log.warning("text_pooling is %r; PyTorch FLAIR pools as 'flair'", config.text_pooling)
 
@@ -269,5 +269,5 @@ def describe_export(config: ModelConfig) -> str:
     return (f'{layout}); PyTorch FLAIR\'s FLAIRModel loads it unchanged '
             '(FLAIRModel.from_pretrained(folder))')
   return (f'{layout}); FLAIRModel loads it unchanged only for FLAIR\'s shapes (ResNet-50, '
-          f'768-wide BERT); these towers ({config.factory.describe_vision(vision)}, text hidden '
+          f'768-wide BERT); these towers ({factory.describe_vision(config.vision)}, text hidden '
           f'{config.bert.hidden_size}) load into a module of their own shape')
