@@ -78,6 +78,14 @@ def test_config_typo_is_one_line_naming_the_closest_key(tmp_path):
       '"bach_size"?')
 
 
+def test_a_warm_up_as_long_as_the_run_is_one_line(tmp_path):
+  result = _run('-m', 'flair_jax.train', '--config', TINY, '--config.train.epochs=1',
+                '--config.train.warmup_epochs=1', '--workdir', str(tmp_path))
+  line = _assert_one_error_line(result)
+  assert line.startswith('error: train.warmup_epochs 1 must be at least 0 and less than '
+                         'train.epochs 1')
+
+
 def test_convert_of_a_missing_checkpoint_is_one_line(tmp_path):
   result = _run('-m', 'flair_jax.convert', 'to-torch', '--checkpoint', '/nonexistent',
                 '--out', str(tmp_path / 'x'))

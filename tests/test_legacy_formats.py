@@ -108,3 +108,38 @@ def test_exporting_the_legacy_folder_again_gives_the_same_files(tmp_path):
   assert sorted(got) == sorted(want)
   for k, v in want.items():
     assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+
+
+def test_a_training_workdir_of_the_previous_layout_resumes_from_its_state(tmp_path):
+  """legacy/run: `python -m flair_jax.train --config configs/demo.py:tiny
+  --config.eval.every_steps=0` on 2 devices with the code of commit 3633264
+  (trainer.py, model_config.json with top-level resnet_stages), stopped after
+  its step-6 checkpoint (model, optimiser, meta and data items). The same
+  command today, with the run's length cut to those 6 steps, restores every
+  item and exports the restored model: bitwise the weights of the step folder
+  read back independently (machine-independent: no step runs)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from flair_jax.convert import flair_torch  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  shutil.copytree(LEGACY / 'run', workdir)
+  result = subprocess.run(
+      [sys.executable, '-m', 'flair_jax.train', '--config', str(REPO / 'configs' / 'demo.py')
+       + ':tiny', '--workdir', str(workdir), '--config.eval.every_steps=0',
+       '--config.train.epochs=1', '--config.train.warmup_epochs=0',
+       '--config.export_torch=True'],
+      env=subprocess_env(2), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from step 6' in result.stderr
+  state, config = checkpoint.load_state(str(LEGACY / 'run'))
+  assert config.vision == VisionConfig(type='resnet', stages=(1, 1, 1, 1), width=4)
+  want = flair_torch.to_torch_state(state, config)
+  got = load_file(str(workdir / 'export_torch' / 'model.safetensors'))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  summary = json.loads((workdir / 'config.json').read_text())
+  assert summary['train']['epochs'] == 1  # the command's config, rewritten on resume

@@ -236,6 +236,10 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_st
     return optim.flair_schedule(train.lr, steps_per_epoch, warmup_epochs=train.warmup_epochs,
                                 horizon_epochs=train.horizon_epochs)
   if train.schedule == 'cosine':
+    if not 0 <= train.warmup_epochs < train.epochs:
+      raise ConfigError(f'train.warmup_epochs {train.warmup_epochs} must be at least 0 and less '
+                        f'than train.epochs {train.epochs} with the cosine schedule; lower '
+                        'train.warmup_epochs or raise train.epochs')
     return optim.warmup_cosine_schedule(train.lr, train.warmup_epochs * steps_per_epoch,
                                         total_steps)
   raise ConfigError(f'train.schedule {train.schedule!r} unknown; expected "flair" or "cosine"')
