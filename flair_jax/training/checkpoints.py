@@ -179,6 +179,23 @@ class Checkpoints:
     self.manager.close()
 
 
+class _AbandonedReadEchoes(logging.Filter):
+  """Drops asyncio's report of a TensorStore read error that no one retrieved
+  (a read a failed restore abandoned) and nothing else."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if not message.startswith(('Task exception was never retrieved',
+                               'Future exception was never retrieved')):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = f'{message} {error}'
+    return 'TensorStore' not in text and 'reading array index' not in text
+
+
+_ABANDONED_READ_ECHOES = _AbandonedReadEchoes()
+
+
 @contextlib.contextmanager
 def _quiet_abandoned_reads():
   """orbax reads arrays in asyncio tasks; when one read fails, the errors of
@@ -189,12 +206,9 @@ def _quiet_abandoned_reads():
   gone. The failure is reported once, by the caller: while a restore is
   tried, stderr goes to a temporary file, replayed as it was when the
   restore succeeds and dropped when it fails."""
-  log = logging.getLogger('asyncio')
-
-  def keep(record):
-    return not record.getMessage().startswith('Task exception was never retrieved')
-
-  log.addFilter(keep)
+  # Abandoned tasks may be collected at any later time, even at exit: the
+  # filter stays.
+  logging.getLogger('asyncio').addFilter(_ABANDONED_READ_ECHOES)
   sys.stderr.flush()
   stderr_fd = os.dup(2)
   with tempfile.TemporaryFile() as captured:
@@ -210,7 +224,6 @@ def _quiet_abandoned_reads():
       sys.stderr.flush()
       os.dup2(stderr_fd, 2)
       os.close(stderr_fd)
-      log.removeFilter(keep)
       if not failed:
         captured.seek(0)
         os.write(2, captured.read())
