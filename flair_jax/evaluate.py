@@ -5,9 +5,13 @@
     python -m flair_jax.evaluate --checkpoint PATH --method linear-probe \\
         --data sets/25_REFUGE.csv --data-root /data/FUNDUS \\
         --targets "no glaucoma,glaucoma" --folds 5
+    python -m flair_jax.evaluate --checkpoint PATH --method all-few-shot \\
+        --data DATASET --shots 1,2,4,8,16 [--scenario standard]
 
 Writes ``metrics.json``, ``predictions.npz`` and ``confusion_matrix.png`` to
-``--out`` and prints mean ± std over folds. The logic lives in
+``--out`` and prints mean ± std over folds; with ``--shots`` (or
+``--method all-few-shot``: every method) ``few_shot.json``, ``few_shot.txt``
+and ``few_shot_aca.png``, accuracy against shots. The logic lives in
 ``flair_jax.evaluation``.
 """
 
@@ -20,7 +24,7 @@ import sys
 import jax
 
 from data_pipelines import console
-from flair_jax.evaluation import data, report, run
+from flair_jax.evaluation import data, report, run, splits, sweep
 from flair_jax.inference import FLAIRModel
 
 
@@ -29,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              description=__doc__.splitlines()[0])
   p.add_argument('--checkpoint', required=True,
                  help='flair_jax checkpoint / workdir, or PyTorch FLAIR .pth / folder')
-  p.add_argument('--method', choices=run.METHODS, default='zero-shot')
+  p.add_argument('--method', choices=(*run.METHODS, sweep.ALL_FEW_SHOT), default='zero-shot',
+                 help=f'{sweep.ALL_FEW_SHOT}: every method, over --shots')
   p.add_argument('--data', required=True,
                  help='built fundus_classification dataset folder or name, or a FLAIR CSV')
   p.add_argument('--split', default='test', help='TFDS split to evaluate on')
@@ -45,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--shots-train', help='per class, count or percentage (default 0%% / 80%%)')
   p.add_argument('--shots-val', help='per class (default 0%%)')
   p.add_argument('--shots-test', help='per class (default 100%% / 20%%)')
+  p.add_argument('--shots', help='few-shot sweep: shots per class "1,2,4,8,16" (the '
+                 f'default of {sweep.ALL_FEW_SHOT}); test --shots-test (default 20%%)')
+  p.add_argument('--scenario', choices=splits.SCENARIOS, default='flair',
+                 help="training shots: FLAIR's split, or a few-shot scenario: standard "
+                 '(k per class), relaxed (C k spread as the classes, one at least), '
+                 'realistic (the same, classes may be missing)')
   p.add_argument('--seed', type=int, default=0, help='fold k splits with seed + k')
   p.add_argument('--batch-size', type=int, default=32)
   p.add_argument('--image-size', type=int, help="default: the checkpoint's")
@@ -66,19 +77,34 @@ def main(argv=None) -> dict:
   logging.getLogger('flair_jax').setLevel(logging.INFO)
   log = logging.getLogger('flair_jax.evaluate')
   log.info('devices: %s', jax.devices())
+  sweeping = args.method == sweep.ALL_FEW_SHOT or args.shots is not None
+  shots = sweep.parse_shots(args.shots or ','.join(map(str, sweep.DEFAULT_SHOTS)))
   model = FLAIRModel.from_pretrained(args.checkpoint, tokenizer=args.tokenizer,
                                      bert_type=args.bert_type)
   dataset = data.load(args.data, split=args.split, data_dir=args.data_dir,
                       data_root=args.data_root, targets=args.targets)
   experiment = run.Experiment(
-      method=args.method, folds=args.folds, shots_train=args.shots_train,
+      method='zero-shot' if sweeping else args.method, folds=args.folds,
+      shots_train=args.shots_train,
       shots_val=args.shots_val, shots_test=args.shots_test, seed=args.seed,
       domain_knowledge=args.domain_knowledge, knowledge=args.knowledge,
       batch_size=args.batch_size, crop_foreground=args.crop_foreground,
-      image_size=args.image_size, num_workers=args.workers)
+      image_size=args.image_size, num_workers=args.workers, scenario=args.scenario)
+  if sweeping:
+    return _sweep(args, model, dataset, experiment, shots)
   results = run.run(model, dataset, experiment)
   paths = report.write_all(results, args.out)
   print(report.table(results))
+  print('\nwrote ' + ', '.join(paths.values()))
+  return results
+
+
+def _sweep(args, model, dataset, experiment, shots) -> dict:
+  """Every method (or ``--method``) at every ``--shots``; writes the sweep's reports."""
+  methods = run.METHODS if args.method == sweep.ALL_FEW_SHOT else (args.method,)
+  results = sweep.run_sweep(model, dataset, experiment, methods, shots)
+  paths = report.write_sweep(results, args.out)
+  print(report.sweep_table(results))
   print('\nwrote ' + ', '.join(paths.values()))
   return results
 

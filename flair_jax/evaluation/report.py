@@ -110,3 +110,79 @@ def write_all(results: Mapping, out_dir: str) -> dict:
   write_predictions(results, paths['predictions'])
   plot_confusion(results, paths['confusion_matrix'])
   return paths
+
+
+def _shot_label(k: int) -> str:
+  return f"{k} shot{'s' if k != 1 else ''}"
+
+
+def sweep_table(sweep: Mapping, metric: str = 'aca') -> str:
+  """One row per method, one column per shot count: mean ± std over folds."""
+  exp = sweep['experiment']
+  lines = [f"{sweep['dataset']}: {_LABELS[metric]}, mean ± std over {exp['folds']} fold(s); "
+           f"scenario {exp['scenario']}, test {exp['shots_test']} per class, "
+           f"{sweep['num_samples']} images"]
+  width = max(len('method'), *(len(m) for m in sweep['methods']))
+  cell = 13
+  lines.append(f"  {'method':<{width}}" + ''.join(f'  {_shot_label(k):>{cell}}'
+                                                  for k in sweep['shots']))
+  for method in sweep['methods']:
+    row = []
+    for k in sweep['shots']:
+      result = sweep['cells'][method][k]
+      row.append('skipped' if 'error' in result else
+                 _fmt(result['summary'][metric]['mean'], result['summary'][metric]['std']))
+    lines.append(f'  {method:<{width}}' + ''.join(f'  {c:>{cell}}' for c in row))
+  if sweep.get('skipped'):
+    lines.append(f"  ({sweep['skipped']} cell(s) skipped: the method refused its support set)")
+  return '\n'.join(lines)
+
+
+def plot_sweep(sweep: Mapping, path: str, metric: str = 'aca') -> None:
+  """PNG of ``metric`` against shots (log 2 axis), one line per method, a band of ± std."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  shots = sweep['shots']
+  fig = Figure(figsize=(9, 5.5))
+  ax = fig.subplots()
+  colours = [f'C{i}' for i in range(10)] + ['#555555', '#b8860b', '#2f4f4f']
+  markers = 'osD^v<>ph*XP'
+  for i, method in enumerate(sweep['methods']):
+    points = [(k, sweep['cells'][method][k]['summary'][metric]) for k in shots
+              if 'error' not in sweep['cells'][method][k]]
+    if not points:
+      continue
+    ks = np.asarray([k for k, _ in points], float)
+    mean = np.asarray([s['mean'] for _, s in points], float)
+    std = np.asarray([s['std'] for _, s in points], float)
+    training_free = method == 'zero-shot'
+    colour = 'black' if training_free else colours[i % len(colours)]
+    ax.plot(ks, mean, color=colour, marker=None if training_free else markers[i % len(markers)],
+            linestyle='--' if training_free else '-', linewidth=1.6, markersize=5, label=method)
+    ax.fill_between(ks, mean - std, mean + std, color=colour, alpha=0.08, linewidth=0)
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(shots, [str(k) for k in shots])
+  ax.minorticks_off()
+  ax.set_xlabel('shots per class')
+  ax.set_ylabel(_LABELS[metric])
+  ax.grid(True, alpha=0.3)
+  exp = sweep['experiment']
+  ax.set_title(f"{sweep['dataset']}\nscenario {exp['scenario']}, {exp['folds']} fold(s), "
+               f"test {exp['shots_test']} per class; band: ± std over folds", fontsize=9)
+  ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+
+
+def write_sweep(sweep: Mapping, out_dir: str) -> dict:
+  """``few_shot.json``, ``few_shot.txt`` (the table) and ``few_shot_aca.png`` in ``out_dir``."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {'metrics': os.path.join(out_dir, 'few_shot.json'),
+           'table': os.path.join(out_dir, 'few_shot.txt'),
+           'plot': os.path.join(out_dir, 'few_shot_aca.png')}
+  cells = {m: {str(k): v for k, v in per.items()} for m, per in sweep['cells'].items()}
+  jsonio.write_json(paths['metrics'], _jsonable({**sweep, 'cells': cells}))
+  with open(paths['table'], 'w', encoding='utf-8') as f:
+    f.write(sweep_table(sweep) + '\n')
+  plot_sweep(sweep, paths['plot'])
+  return paths

@@ -11,15 +11,18 @@ import dataclasses
 import logging
 from typing import Optional
 
-from flair_jax.evaluation import adapters, features, linear_probe, metrics, splits, zero_shot
+from flair_jax.evaluation import (adapters, features, fewshot, linear_probe, metrics, splits,
+                                  zero_shot)
 from flair_jax.evaluation.data import DownstreamSet
 
 logger = logging.getLogger(__name__)
 
-METHODS = ('zero-shot', 'linear-probe', 'clip-adapter', 'tip-adapter', 'tip-adapter-f')
+METHODS = ('zero-shot', 'linear-probe', 'clip-adapter', 'tip-adapter', 'tip-adapter-f',
+           *fewshot.METHODS)
 # FLAIR's README: zero-shot on the whole set; linear probe 80/20 over 5 folds.
 DEFAULT_SHOTS = {'zero-shot': ('0%', '0%', '100%', 1)}
 DEFAULT_TRAINED = ('80%', '0%', '20%', 5)
+DEFAULT_FEW_SHOTS = '16'  # per class, in a few-shot scenario
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +40,19 @@ class Experiment:
   crop_foreground: bool = False
   image_size: Optional[int] = None  # default: the model's
   num_workers: int = 4  # image reading threads
+  scenario: str = 'flair'  # or a few-shot scenario of splits.SCENARIOS
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f'method {self.method!r} unknown; expected one of {METHODS}')
+    if self.scenario not in splits.SCENARIOS:
+      raise ValueError(f'scenario {self.scenario!r} unknown; expected one of {splits.SCENARIOS}')
 
   def resolved(self) -> 'Experiment':
     """This experiment with the method's default shots and folds filled in."""
     train, val, test, folds = DEFAULT_SHOTS.get(self.method, DEFAULT_TRAINED)
+    if self.scenario != 'flair':
+      train = DEFAULT_FEW_SHOTS
     pick = lambda v, d: d if v is None else v
     return dataclasses.replace(self, shots_train=str(pick(self.shots_train, train)),
                                shots_val=str(pick(self.shots_val, val)),
@@ -63,6 +71,9 @@ def _fold_probs(method, fold_seed, split, feat_nf, emb_nd, labels_n, prototypes_
   if method == 'linear-probe':
     classifier = linear_probe.fit(feat_nf[train], labels_n[train])
     return linear_probe.predict(classifier, feat_nf[test], num_classes)
+  if method in fewshot.METHODS:
+    return fewshot.fit_predict(method, emb_nd[train], labels_n[train], emb_nd[test], prototypes_cd,
+                               logit_scale, num_classes, seed=fold_seed)
   if method == 'clip-adapter':
     params, _ = adapters.fit_clip_adapter(emb_nd[train], labels_n[train], prototypes_cd,
                                           logit_scale, seed=fold_seed)
@@ -137,8 +148,12 @@ def score(experiment: Experiment, data: DownstreamSet, feat_nf, emb_nd, prototyp
   folds, predictions = [], []
   for k in range(exp.folds):
     fold_seed = exp.seed + k
-    split = splits.fold_split(data.labels, shots_train=exp.shots_train, shots_val=exp.shots_val,
-                              shots_test=exp.shots_test, seed=fold_seed)
+    if exp.scenario == 'flair':
+      split = splits.fold_split(data.labels, shots_train=exp.shots_train, shots_val=exp.shots_val,
+                                shots_test=exp.shots_test, seed=fold_seed)
+    else:
+      split = splits.fewshot_split(data.labels, exp.shots_train, scenario=exp.scenario,
+                                   shots_test=exp.shots_test, seed=fold_seed)
     if split['test'].size == 0:
       raise ValueError(f'fold {k}: the test split is empty; raise shots_test')
     probs = _fold_probs(exp.method, fold_seed, split, feat_nf, emb_nd, data.labels,
