@@ -377,3 +377,67 @@ def test_zero_shot_during_training_without_sets_gives_no_metrics():
   assert not zero_shot
   assert zero_shot(None, None) == {}
   assert zero_shot.final(None, None) == {}
+
+
+def test_all_few_shot_command_on_the_set(downstream, loaded, capsys):
+  """Every method at 1 and 2 shots; the zero-shot and SS-Text
+  cells against the PyTorch FLAIR-equivalent model's embeddings."""
+  from flair_jax import evaluate
+  from flair_jax.evaluation import run
+  out = downstream['root'] / 'few_shot'
+  sweep = evaluate.main(['--checkpoint', downstream['ckpt'], '--method', 'all-few-shot',
+                         '--data', downstream['path'], '--shots', '2,1', '--folds', '1',
+                         '--shots-test', '2', '--batch-size', '5', '--out', str(out)])
+  assert sweep['methods'] == list(run.METHODS) and sweep['shots'] == [1, 2]
+  printed = capsys.readouterr().out
+  assert all(f'  {m} ' in printed for m in run.METHODS) and '2 shots' in printed
+  # At this temperature (100) CLAP's multiplier updates blow up with 6
+  # classes; the cell is refused, said so, and the rest goes on.
+  failed = [(m, k) for m in sweep['cells'] for k in (1, 2) if 'error' in sweep['cells'][m][k]]
+  assert set(failed) <= {('clap-phr', 1), ('clap-phr', 2)} and sweep['skipped'] == len(failed)
+  assert all('diverged' in sweep['cells'][m][k]['error'] for m, k in failed)
+  assert all(f'skipped {m} at' in printed for m, _ in failed)
+  with open(out / 'few_shot.json', encoding='utf-8') as f:
+    written = json.load(f)
+  assert set(written['cells']['lp++']) == {'1', '2'}
+  assert (out / 'few_shot_aca.png').stat().st_size > 10000
+  labels, emb, protos = downstream['dataset'].labels, downstream['emb'], downstream['protos']
+  scale = np.exp(np.float64(loaded.logit_scale(clamped=False)))
+  for k in (1, 2):
+    for j in range(1):
+      split = splits.fold_split(labels, shots_train=str(k), shots_test='2', seed=j)
+      train, test = split['train'], split['test']
+      assert sweep['cells']['clap'][k]['folds'][j]['n_train'] == train.size
+      want = metrics.classification_metrics(labels[test], downstream['zero_shot'][test])
+      assert sweep['cells']['zero-shot'][k]['folds'][j]['aca'] == pytest.approx(want['aca'])
+      # SS-Text: w_c = t_c + sum_{i in c} x_i / tau, scored by cosine / tau.
+      x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+      w = protos + np.eye(6)[labels[train]].T @ x[train] * scale
+      logits = scale * x[test] @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+      probs = np.exp(logits - logits.max(1, keepdims=True))
+      want = metrics.classification_metrics(labels[test], probs / probs.sum(1, keepdims=True))
+      assert sweep['cells']['ss-text'][k]['folds'][j]['aca'] == pytest.approx(want['aca'])
+
+
+def test_all_few_shot_on_a_csv_in_the_realistic_scenario(downstream, fundus_dir, tmp_path):
+  from flair_jax import evaluate
+  from flair_jax.evaluation import run
+  names = ('flair_normal_sample.png', 'skimage_microaneurysms.png',
+           'flair_sample_macular_hole.png', 'flair_severe_nonprol_dr.jpg')
+  classes = ['normal'] * 5 + ['microaneurysms'] * 4 + ['glaucoma'] * 3
+  csv_path = tmp_path / 'set.csv'
+  csv_path.write_text(',image,atributes,categories\n' + ''.join(
+      f"{i},{names[i % 4]},[],['{c}']\n" for i, c in enumerate(classes)))
+  args = ['--checkpoint', downstream['ckpt'], '--data', str(csv_path), '--data-root',
+          str(fundus_dir), '--targets', 'normal,microaneurysms,glaucoma', '--method',
+          'all-few-shot', '--scenario', 'realistic', '--folds', '1', '--shots-test', '1',
+          '--out', str(tmp_path / 'out')]
+  with pytest.raises(ValueError, match='positive counts'):
+    evaluate.main([*args, '--shots', '0,2'])
+  sweep = evaluate.main([*args, '--shots', '1'])
+  assert sweep['experiment']['scenario'] == 'realistic' and sweep['skipped'] <= 1  # clap-phr
+  for method in (m for m in run.METHODS if 'error' not in sweep['cells'][m][1]):
+    fold = sweep['cells'][method][1]['folds'][0]
+    # pools 4 / 3 / 2 after the test -> round(3 p) = 1 / 1 / 1
+    assert fold['n_train'] == 3 and fold['n_test'] == 3
+    assert 0 <= fold['aca'] <= 1

@@ -14,7 +14,9 @@ validation set.
   ``lambda_c`` the mean zero-shot probability of class ``c`` on its support
   samples (a class without samples takes the mean of the others, as
   jusiro/SS-Text does); ``clap-phr`` also updates ``lambda`` after every
-  epoch by CLAP's augmented-Lagrangian (PHR) step.
+  epoch by CLAP's augmented-Lagrangian (PHR) step (with few classes and
+  FLAIR's temperature of 100 the multipliers can grow past SGD's stable step
+  and the weights diverge; that fit is refused).
 - SS-Text / SS-Text+ (jusiro/SS-Text, training-free): ``w_c = t_c + (1 / (N
   lambda_c)) sum_{i in c} x_i / tau`` with ``tau = 1 / exp(logit_scale)``,
   ``lambda_c = 1 / N`` (SS-Text) or ``1 / n_c`` (SS-Text+), both clamped
@@ -262,6 +264,12 @@ def fit_predict(method: str, x_train, y_train, x_test, text_cd, logit_scale, num
   if method in ('zs-lp', 'clap', 'clap-phr'):
     w, _, _ = fit_probe(x_train, y_train, text_cd, logit_scale, num_classes,
                         penalty={'zs-lp': 'none'}.get(method, method), seed=seed)
+    if not np.all(np.isfinite(w)):
+      # CLAP's mean over classes makes each class's penalty C times weaker
+      # with 1000 classes than with a handful; here the PHR multipliers can
+      # outgrow the step that SGD at lr 0.1 keeps stable.
+      raise ValueError(f'{method} diverged (class weights not finite after {LP_EPOCHS} epochs); '
+                       'its multiplier updates outgrew the SGD step, use clap')
     return predict_probe(w, x_test, logit_scale)
   if method in ('ss-text', 'ss-text+'):
     w = ss_text_weights(x_train, y_train, text_cd, logit_scale, num_classes,

@@ -133,33 +133,48 @@ def sweep_table(sweep: Mapping, metric: str = 'aca') -> str:
       row.append('skipped' if 'error' in result else
                  _fmt(result['summary'][metric]['mean'], result['summary'][metric]['std']))
     lines.append(f'  {method:<{width}}' + ''.join(f'  {c:>{cell}}' for c in row))
-  if sweep.get('skipped'):
-    lines.append(f"  ({sweep['skipped']} cell(s) skipped: the method refused its support set)")
+  errors = {}
+  for method in sweep['methods']:
+    for k in sweep['shots']:
+      if 'error' in sweep['cells'][method][k]:
+        errors.setdefault((method, sweep['cells'][method][k]['error']), []).append(str(k))
+  for (method, error), ks in errors.items():
+    lines.append(f"  skipped {method} at {','.join(ks)} shot(s): {error}")
   return '\n'.join(lines)
 
 
 def plot_sweep(sweep: Mapping, path: str, metric: str = 'aca') -> None:
-  """PNG of ``metric`` against shots (log 2 axis), one line per method, a band of ± std."""
+  """PNG of ``metric`` against shots (log 2 axis), one line per method.
+
+  Error bars are ± std over folds, clipped to [0, 1]; the methods are nudged
+  apart along the shots axis so that bars of close curves stay legible.
+  """
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  shots = sweep['shots']
-  fig = Figure(figsize=(9, 5.5))
+  shots, methods = sweep['shots'], sweep['methods']
+  fig = Figure(figsize=(10, 5.8))
   ax = fig.subplots()
-  colours = [f'C{i}' for i in range(10)] + ['#555555', '#b8860b', '#2f4f4f']
-  markers = 'osD^v<>ph*XP'
-  for i, method in enumerate(sweep['methods']):
+  colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2',
+             '#7f7f7f', '#bcbd22', '#17becf', '#393b79', '#637939', '#8c6d31']
+  markers = 'osD^v<>ph*XP8'
+  for i, method in enumerate(methods):
     points = [(k, sweep['cells'][method][k]['summary'][metric]) for k in shots
               if 'error' not in sweep['cells'][method][k]]
     if not points:
       continue
-    ks = np.asarray([k for k, _ in points], float)
+    nudge = 2 ** (0.012 * (i - (len(methods) - 1) / 2))
+    ks = np.asarray([k for k, _ in points], float) * nudge
     mean = np.asarray([s['mean'] for _, s in points], float)
     std = np.asarray([s['std'] for _, s in points], float)
-    training_free = method == 'zero-shot'
-    colour = 'black' if training_free else colours[i % len(colours)]
-    ax.plot(ks, mean, color=colour, marker=None if training_free else markers[i % len(markers)],
-            linestyle='--' if training_free else '-', linewidth=1.6, markersize=5, label=method)
-    ax.fill_between(ks, mean - std, mean + std, color=colour, alpha=0.08, linewidth=0)
+    low, high = mean - np.maximum(mean - std, 0), np.minimum(mean + std, 1) - mean
+    zero_shot = method == 'zero-shot'
+    _, caps, bars = ax.errorbar(
+        ks, mean, yerr=[low, high], color='black' if zero_shot else colours[i % len(colours)],
+        marker=None if zero_shot else markers[i % len(markers)],
+        linestyle='--' if zero_shot else '-', linewidth=1.5, markersize=5, capsize=2.5,
+        elinewidth=0.8, label=method)
+    for artist in (*caps, *bars):
+      artist.set_alpha(0.5)  # the lines first, the spread behind them
   ax.set_xscale('log', base=2)
   ax.set_xticks(shots, [str(k) for k in shots])
   ax.minorticks_off()
@@ -167,8 +182,8 @@ def plot_sweep(sweep: Mapping, path: str, metric: str = 'aca') -> None:
   ax.set_ylabel(_LABELS[metric])
   ax.grid(True, alpha=0.3)
   exp = sweep['experiment']
-  ax.set_title(f"{sweep['dataset']}\nscenario {exp['scenario']}, {exp['folds']} fold(s), "
-               f"test {exp['shots_test']} per class; band: ± std over folds", fontsize=9)
+  ax.set_title(f"{sweep['dataset']}\nscenario {exp['scenario']}, {exp['folds']} fold(s), test "
+               f"{exp['shots_test']} per class; bars: ± std over folds", fontsize=9)
   ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), fontsize=9, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=130)
