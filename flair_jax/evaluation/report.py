@@ -31,6 +31,8 @@ def table(results: Mapping) -> str:
   lines = [f"{results['dataset']}: {exp['method']}, {exp['folds']} fold(s), shots train "
            f"{exp['shots_train']} / val {exp['shots_val']} / test {exp['shots_test']}, "
            f"{results['num_samples']} images"]
+  if exp.get('scenario', 'flair') != 'flair':
+    lines[0] += f", {exp['scenario']} few-shot scenario"
   width = max(len(v) for v in _LABELS.values())
   lines += [f'  {_LABELS[k]:<{width}}  {_fmt(summary[k]["mean"], summary[k]["std"])}'
             for k in SCALARS]
@@ -158,21 +160,23 @@ def plot_sweep(sweep: Mapping, path: str, metric: str = 'aca') -> None:
              '#7f7f7f', '#bcbd22', '#17becf', '#393b79', '#637939', '#8c6d31']
   markers = 'osD^v<>ph*XP8'
   for i, method in enumerate(methods):
-    points = [(k, sweep['cells'][method][k]['summary'][metric]) for k in shots
-              if 'error' not in sweep['cells'][method][k]]
-    if not points:
+    # A skipped cell is NaN: a gap in the line, not a bridge over it.
+    nan = {'mean': np.nan, 'std': np.nan}
+    points = [nan if 'error' in sweep['cells'][method][k] else
+              sweep['cells'][method][k]['summary'][metric] for k in shots]
+    if all(p is nan for p in points):
       continue
     nudge = 2 ** (0.012 * (i - (len(methods) - 1) / 2))
-    ks = np.asarray([k for k, _ in points], float) * nudge
-    mean = np.asarray([s['mean'] for _, s in points], float)
-    std = np.asarray([s['std'] for _, s in points], float)
+    ks = np.asarray(shots, float) * nudge
+    mean = np.asarray([p['mean'] for p in points], float)
+    std = np.asarray([p['std'] for p in points], float)
     low, high = mean - np.maximum(mean - std, 0), np.minimum(mean + std, 1) - mean
     zero_shot = method == 'zero-shot'
     _, caps, bars = ax.errorbar(
         ks, mean, yerr=[low, high], color='black' if zero_shot else colours[i % len(colours)],
         marker=None if zero_shot else markers[i % len(markers)],
         linestyle='--' if zero_shot else '-', linewidth=1.5, markersize=5, capsize=2.5,
-        elinewidth=0.8, label=method)
+        elinewidth=0.8, label=method, zorder=3 if zero_shot else 2)
     for artist in (*caps, *bars):
       artist.set_alpha(0.5)  # the lines first, the spread behind them
   ax.set_xscale('log', base=2)
