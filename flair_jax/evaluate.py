@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--checkpoint', required=True,
                  help='flair_jax checkpoint / workdir, or PyTorch FLAIR .pth / folder')
   p.add_argument('--method', choices=(*run.METHODS, sweep.ALL_FEW_SHOT), default='zero-shot',
-                 help=f'{sweep.ALL_FEW_SHOT}: every method, over --shots')
+                 help=f'{sweep.ALL_FEW_SHOT}: every feature-level method, over --shots')
   p.add_argument('--data', required=True,
                  help='built fundus_classification dataset folder or name, or a FLAIR CSV')
   p.add_argument('--split', default='test', help='TFDS split to evaluate on')
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
 
 def _sweep(args, model, dataset, experiment, shots) -> dict:
   """Every method (or ``--method``) at every ``--shots``; writes the sweep's reports."""
-  methods = run.METHODS if args.method == sweep.ALL_FEW_SHOT else (args.method,)
+  methods = sweep.FEATURE_METHODS if args.method == sweep.ALL_FEW_SHOT else (args.method,)
   results = sweep.run_sweep(model, dataset, experiment, methods, shots)
   paths = report.write_sweep(results, args.out)
   print(report.sweep_table(results))

@@ -383,14 +383,14 @@ def test_all_few_shot_command_on_the_set(downstream, loaded, capsys):
   """Every method at 1 and 2 shots; the zero-shot and SS-Text
   cells against the PyTorch FLAIR-equivalent model's embeddings."""
   from flair_jax import evaluate
-  from flair_jax.evaluation import run
+  from flair_jax.evaluation import sweep as sweep_lib
   out = downstream['root'] / 'few_shot'
   sweep = evaluate.main(['--checkpoint', downstream['ckpt'], '--method', 'all-few-shot',
                          '--data', downstream['path'], '--shots', '2,1', '--folds', '1',
                          '--shots-test', '2', '--batch-size', '5', '--out', str(out)])
-  assert sweep['methods'] == list(run.METHODS) and sweep['shots'] == [1, 2]
+  assert sweep['methods'] == list(sweep_lib.FEATURE_METHODS) and sweep['shots'] == [1, 2]
   printed = capsys.readouterr().out
-  assert all(f'  {m} ' in printed for m in run.METHODS) and '2 shots' in printed
+  assert all(f'  {m} ' in printed for m in sweep['methods']) and '2 shots' in printed
   # At this temperature (100) CLAP's multiplier updates blow up with 6
   # classes; the cell is refused, said so, and the rest goes on.
   failed = [(m, k) for m in sweep['cells'] for k in (1, 2) if 'error' in sweep['cells'][m][k]]
@@ -421,7 +421,6 @@ def test_all_few_shot_command_on_the_set(downstream, loaded, capsys):
 
 def test_all_few_shot_on_a_csv_in_the_realistic_scenario(downstream, fundus_dir, tmp_path):
   from flair_jax import evaluate
-  from flair_jax.evaluation import run
   names = ('flair_normal_sample.png', 'skimage_microaneurysms.png',
            'flair_sample_macular_hole.png', 'flair_severe_nonprol_dr.jpg')
   classes = ['normal'] * 5 + ['microaneurysms'] * 4 + ['glaucoma'] * 3
@@ -436,7 +435,7 @@ def test_all_few_shot_on_a_csv_in_the_realistic_scenario(downstream, fundus_dir,
     evaluate.main([*args, '--shots', '0,2'])
   sweep = evaluate.main([*args, '--shots', '1'])
   assert sweep['experiment']['scenario'] == 'realistic' and sweep['skipped'] <= 1  # clap-phr
-  for method in (m for m in run.METHODS if 'error' not in sweep['cells'][m][1]):
+  for method in (m for m in sweep['methods'] if 'error' not in sweep['cells'][m][1]):
     fold = sweep['cells'][method][1]['folds'][0]
     # pools 4 / 3 / 2 after the test -> round(3 p) = 1 / 1 / 1
     assert fold['n_train'] == 3 and fold['n_test'] == 3

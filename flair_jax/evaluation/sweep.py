@@ -15,12 +15,15 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from flair_jax.evaluation import run
+from flair_jax.evaluation import fewshot, run
 from flair_jax.evaluation.data import DownstreamSet
 
 logger = logging.getLogger(__name__)
 
 ALL_FEW_SHOT = 'all-few-shot'
+# The methods that adapt on extracted features (what all-few-shot runs).
+FEATURE_METHODS = ('zero-shot', 'linear-probe', 'clip-adapter', 'tip-adapter', 'tip-adapter-f',
+                   *fewshot.METHODS)
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
 DEFAULT_TEST = '20%'
 DEFAULT_FOLDS = 5
