@@ -32,6 +32,7 @@ def test_ss_text_is_its_closed_form(support):
   x64, t64 = _unit(x.astype(np.float64)), text.astype(np.float64)  # re-normalised
   sums = np.stack([x64[labels == k].sum(0) for k in range(c)])  # class 3: zeros
   # SS-Text: lambda = 1/N, so w_c = t_c + sum_{i in c} x_i / tau.
+  # float64 on both sides: only summation order differs.
   np.testing.assert_allclose(fewshot.ss_text_weights(x, labels, text, LOGIT_SCALE, c),
                              t64 + sums / tau, rtol=1e-12, atol=1e-12)
   # SS-Text+: lambda_c = 1/n_c -> (n_c / N) sum / tau, then the repel step.
@@ -55,6 +56,7 @@ def test_clap_multipliers_are_zero_shot_class_accuracies(support):
   probs /= probs.sum(1, keepdims=True)
   want = np.array([probs[labels == k, k].mean() for k in range(3)])
   want = np.append(want, want.mean())  # class 3 has no support sample
+  # float32 softmax of logits up to ~14: probabilities good to ~1e-7
   np.testing.assert_allclose(fewshot.clap_multipliers(x, labels, text, LOGIT_SCALE, c), want,
                              atol=1e-6)
 
@@ -111,6 +113,8 @@ def test_zs_lp_and_clap_training_match_torch(support, penalty):
   # float32 through 18 SGD steps at lr <= 0.1: a few ulps of the O(1) losses
   np.testing.assert_allclose(losses, want_losses, atol=2e-5)
   np.testing.assert_allclose(w, want_w, atol=2e-5)
+  # lambda += rho h sums products of the squared distances above: their
+  # float32 error, relative
   np.testing.assert_allclose(lam, want_lam, rtol=1e-4, atol=1e-6)
   assert np.abs(w - text).max() > 1e-3  # it did train
   if penalty == 'clap-phr':
@@ -140,7 +144,7 @@ def test_lp_pp_matches_torch(support):
   alpha0 = (250 * alpha_tilde).mean()
   lr_alpha = x.shape[0] / (4 * (xt ** 2).sum(0).max())
   for name, want in (('lr_w', lr_w), ('lr_alpha', lr_alpha)):
-    np.testing.assert_allclose(init[name], want.item(), rtol=1e-10)
+    np.testing.assert_allclose(init[name], want.item(), rtol=1e-10)  # float64 both
   np.testing.assert_allclose(init['w'], centroids.numpy(), rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(init['alpha'], alpha0.item(), rtol=1e-10)
   bound = 1 / np.sqrt(x.shape[1])
@@ -167,7 +171,7 @@ def test_lp_pp_matches_torch(support):
   np.testing.assert_allclose(losses, want_losses, atol=2e-5)
   np.testing.assert_allclose(params['w'], classifier.weight.detach().numpy(), atol=5e-5)
   np.testing.assert_allclose(params['b'], classifier.bias.detach().numpy(), atol=5e-5)
-  np.testing.assert_allclose(params['alpha'], alpha.detach().numpy()[0], rtol=1e-5)
+  np.testing.assert_allclose(params['alpha'], alpha.detach().numpy()[0], rtol=1e-5)  # ~100 ulps
   assert np.abs(params['alpha'] - init['alpha']).max() > 0  # alpha moved
   probs = fewshot.predict_lp_pp(params, x, text)
   with torch.no_grad():
