@@ -1,0 +1,158 @@
+"""Fine-tuning (FT, LP+FT): the step against a PyTorch transcription of
+FLAIR's ``FineTuning.train_epoch``, FLAIR's class balancing, and the command
+resuming after SIGKILL with the same metrics."""
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from flair_jax import parallel
+from flair_jax.evaluation import balance, finetune, splits
+from tests import test_inference as ti
+from tests import torch_flair
+from tests.conftest import subprocess_env
+
+
+def _flair_balanced_train(labels, shots_train, shots_test, seed):
+  """FLAIR's get_dataloader_splits + balance_data, transcribed (global random)."""
+  data = [{'i': i, 'label': int(l)} for i, l in enumerate(labels)]
+  random.seed(seed)
+  random.shuffle(data)
+  labs = np.array([d['label'] for d in data])
+  get_shots = lambda s, n: int(int(s[:-1]) / 100 * n) if '%' in s else int(s)
+  train = []
+  for label in np.unique(labs):
+    idx = list(np.squeeze(np.argwhere(labs == label)))
+    n_test, n_train = get_shots(shots_test, len(idx)), get_shots(shots_train, len(idx))
+    train += [data[i] for i in idx[n_test:n_test + n_train]]
+  train_labels = [d['label'] for d in train]
+  counts = np.bincount(train_labels)
+  out = []
+  for label in np.unique(train_labels):
+    idx = list(np.argwhere(np.array(train_labels) == label)[:, 0])
+    if counts.max() - counts[label] > 0:
+      idx += random.choices(idx, k=counts.max() - counts[label])
+    out += [train[i]['i'] for i in idx]
+  return out
+
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_balance_draws_the_samples_flair_draws(seed):
+  labels = np.random.default_rng(seed).choice(4, size=83, p=[0.55, 0.25, 0.15, 0.05])
+  split = splits.fold_split(labels, shots_train='70%', shots_val='0%', shots_test='20%', seed=seed)
+  got = balance.balance(labels, split['train'], seed=seed)
+  assert got.tolist() == _flair_balanced_train(labels, '70%', '20%', seed)
+  assert len(set(np.bincount(labels[got]).tolist())) == 1
+
+
+CANVAS = 29  # prime
+STAGES, WIDTH = (1,), 8  # a one-stage ResNet: a stem and a bottleneck (compiles fast)
+BATCHES = ((0, 4, 2), (5, 1, 3))  # two steps of 3 images (an odd batch)
+CLASSES = 5
+
+
+class _TorchResNet(torch.nn.Module):
+  """torchvision's ResNet layers, one stage, ``fc`` left out (FLAIR's tower)."""
+
+  def __init__(self):
+    super().__init__()
+    from torchvision.models.resnet import Bottleneck
+    self.conv1 = torch.nn.Conv2d(3, WIDTH, 7, 2, 3, bias=False)
+    self.bn1 = torch.nn.BatchNorm2d(WIDTH)
+    down = torch.nn.Sequential(torch.nn.Conv2d(WIDTH, WIDTH * 4, 1, bias=False),
+                               torch.nn.BatchNorm2d(WIDTH * 4))
+    self.layer1 = torch.nn.Sequential(Bottleneck(WIDTH, WIDTH, downsample=down))
+
+  def forward(self, x):
+    x = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+    return self.layer1(x).mean((2, 3))
+
+
+def _nnx_tower(torch_tower):
+  """The flair_jax ResNet with the weights of ``torch_tower``."""
+  from flair_jax.models import VisionConfig
+  from flair_jax.models.factory import build_vision
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: build_vision(VisionConfig(stages=STAGES, width=WIDTH), rngs=nnx.Rngs(0))))
+  tower = nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract))
+  torch_flair.copy_resnet(torch_tower, tower)
+  return tower
+
+
+def _torch_train_epoch(vision, classifier, images, labels, update_bn):
+  """FLAIR's FineTuning.train_epoch (classification, fta off), transcribed."""
+  params = list(vision.parameters()) + list(classifier.parameters())
+  optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-4)
+  vision.train(update_bn)
+  losses = []
+  for rows in BATCHES:
+    x = torch_flair.as_nchw(images[list(rows)])
+    loss = torch.nn.functional.cross_entropy(classifier(vision(x)), torch.tensor(labels[list(rows)]))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1)
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+  return losses
+
+
+def _flat(module_or_tree):
+  tree = module_or_tree
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+  return {jax.tree_util.keystr(p): np.array(v)  # a copy: NNX may reuse the buffer
+          for p, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(tree))}
+
+
+def test_steps_match_flair_train_epoch():
+  torch.manual_seed(5)
+  tvision = _TorchResNet()
+  torch_flair.randomize_batchnorm(tvision, 5)
+  classifier = torch.nn.Linear(WIDTH * 4, CLASSES)
+  jvision = _nnx_tower(tvision)
+  before = _flat(jvision)
+  rng = np.random.default_rng(1)
+  images = rng.random((6, CANVAS, CANVAS, 3), dtype=np.float32)
+  labels = rng.integers(0, CLASSES, 6)
+
+  tower = finetune.Tower(jvision, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
+  start = {'kernel': classifier.weight.detach().numpy().T.copy(),
+           'bias': classifier.bias.detach().numpy().copy()}
+  tx = finetune.make_optimizer()
+  state = finetune.create_state(tower, start, tx)
+  step = finetune.make_train_step(tower.train_graphdef, tx, tower.mesh, augment=False)
+  losses = []
+  for rows in BATCHES:
+    state, out = step(state, images[list(rows)], labels[list(rows)].astype(np.int32),
+                      jax.random.key(0))
+    losses.append(float(out['loss']))
+  want_losses = _torch_train_epoch(tvision, classifier, images, labels, update_bn=True)
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+
+  torch_flair.copy_resnet(tvision, jvision)  # the trained torch tower, in the NNX layout
+  want = _flat(jvision)
+  got = {**_flat(state.params['vision']), **_flat(state.batch_stats)}
+  assert got.keys() == want.keys()
+  for k in want:
+    # An Adam update is ~lr g / (|g| + eps) with eps = 1e-4 ~ |g|: gradients
+    # summed in another order (1e-3 of a small one) move it by lr / 1000;
+    # each updated value is also rounded to float32 (2 ulps of the leaf).
+    atol = max(1e-4 / 1000, 2 * np.spacing(np.abs(before[k]).max().astype(np.float32)))
+    np.testing.assert_allclose(got[k] - before[k], want[k] - before[k], rtol=1e-3, atol=atol,
+                               err_msg=k)
+    assert not np.array_equal(want[k], before[k]), k  # every parameter and statistic moved
+  np.testing.assert_allclose(np.asarray(state.params['classifier']['kernel']),
+                             classifier.weight.detach().numpy().T, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(state.params['classifier']['bias']),
+                             classifier.bias.detach().numpy(), rtol=1e-4, atol=1e-7)
