@@ -156,3 +156,87 @@ def test_steps_match_flair_train_epoch():
                              classifier.weight.detach().numpy().T, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(np.asarray(state.params['classifier']['bias']),
                              classifier.bias.detach().numpy(), rtol=1e-4, atol=1e-7)
+
+
+def _tiny_model_folder(root):
+  """A flair_jax model folder with the one-stage tower and a tiny BERT
+  (random weights, unit BatchNorm variances) and its tokenizer."""
+  from data_pipelines.tokenizer import load_tokenizer
+  from flair_jax import checkpoint
+  from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
+  bert = torch_flair.tiny_bert_config()
+  bert_dir = root / 'bert'
+  load_tokenizer(ti.vocab_file(root, SYNTH_CLASSES)).save_pretrained(bert_dir)
+  (bert_dir / 'config.json').write_text(json.dumps(bert))
+  config = ModelConfig(
+      bert=BertConfig(**{k: v for k, v in bert.items() if k in BertConfig.__dataclass_fields__}),
+      bert_type=str(bert_dir), vision=VisionConfig(stages=STAGES, width=WIDTH), proj_dim=7,
+      image_size=CANVAS)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+
+  def value(path, s):
+    name = jax.tree_util.keystr(path)
+    if not np.issubdtype(s.dtype, np.floating):
+      return np.zeros(s.shape, s.dtype)
+    if name.endswith(("'var']", "'scale']")):
+      return np.ones(s.shape, s.dtype)
+    return (0.2 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, abstract))
+  return checkpoint.save_model(model, config, str(root / 'model'))
+
+
+SYNTH_CLASSES = ('normal', 'microaneurysms', 'haemorrhages', 'hard exudates', 'drusens', 'glaucoma')
+
+
+@pytest.fixture(scope='module')
+def synthetic_set(tmp_path_factory):
+  from data_pipelines import build
+  root = tmp_path_factory.mktemp('ft')
+  report = build.build('fundus_classification', root / 'tfds', synthetic=True, n_test=37,
+                       canvas=CANVAS, seed=4, verbose=False)
+  return root, _tiny_model_folder(root), report['path']
+
+
+def _ft_cmd(ckpt, data, out):
+  # lp+ft with balancing and augmentation: every option of the fold's state.
+  return [sys.executable, '-m', 'flair_jax.evaluate', '--checkpoint', ckpt, '--method', 'lp+ft',
+          '--data', data, '--folds', '1', '--shots-train', '50%', '--shots-val', '30%',
+          '--shots-test', '20%', '--balance', '--fta', '--epochs', '4', '--patience', '3',
+          '--train-batch-size', '5',  # 30 balanced training images: one step shape
+          '--out', str(out)]
+
+
+def _committed_epochs(out):
+  folder = out / 'finetune' / 'fold0' / 'checkpoints'
+  if not folder.is_dir():
+    return []
+  return [p.name for p in folder.iterdir() if p.name.isdigit() and (p / 'commit_success.txt').exists()]
+
+
+def test_sigkilled_fine_tuning_resumes_with_the_same_metrics(synthetic_set):
+  root, ckpt, data = synthetic_set
+  env = subprocess_env(1)
+  whole = subprocess.run(_ft_cmd(ckpt, data, root / 'whole'), env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  out = root / 'killed'
+  proc = subprocess.Popen(_ft_cmd(ckpt, data, out), env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not _committed_epochs(out) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / 'finetune' / 'fold0' / 'result.npz').exists(), 'finished before the kill'
+  resumed = subprocess.run(_ft_cmd(ckpt, data, out), env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed after epoch' in resumed.stderr
+  want = json.loads((root / 'whole' / 'metrics.json').read_text())
+  got = json.loads((out / 'metrics.json').read_text())
+  assert got['folds'] == want['folds'] and got['summary'] == want['summary']
+  assert want['folds'][0]['epochs'] >= 2
+  np.testing.assert_array_equal(np.load(out / 'predictions.npz')['fold0_probs'],
+                                np.load(root / 'whole' / 'predictions.npz')['fold0_probs'])
