@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--bert-type', help='text tower folder or hub id of a PyTorch FLAIR .pth '
                  "(default: its config.json's, else Bio_ClinicalBERT)")
   p.add_argument('--workers', type=int, default=4, help='image reading threads')
+  console.add_bool_flag(p, '--tta', default=False,
+                        help="FLAIR's test-time augmentation: logits averaged over 20 augmented "
+                        'encodings (zero-shot, linear probe, adapters; default: false)')
+  console.add_bool_flag(p, '--fta', default=False,
+                        help="FLAIR's training-time augmentation: 20 augmented encodings of each "
+                        'training image, or augmented fine-tuning batches (default: false)')
   console.add_bool_flag(p, '--balance', default=False,
                         help="FLAIR's oversampling of each class of the training split to the "
                         'largest (default: false)')
@@ -84,9 +90,6 @@ def _add_fine_tuning_flags(p) -> None:
   console.add_bool_flag(g, '--last-lp', default=False,
                         help='a linear probe on the fine-tuned features replaces the classifier '
                         '(default: false)')
-  console.add_bool_flag(g, '--fta', default=False,
-                        help="FLAIR's pre-training augmentation of the training batches "
-                        '(default: false)')
 
 
 def main(argv=None) -> dict:
@@ -106,7 +109,7 @@ def main(argv=None) -> dict:
       domain_knowledge=args.domain_knowledge, knowledge=args.knowledge,
       batch_size=args.batch_size, crop_foreground=args.crop_foreground,
       image_size=args.image_size, num_workers=args.workers, balance=args.balance,
-      fta=args.fta, fine_tuning=finetune.Options(
+      tta=args.tta, fta=args.fta, fine_tuning=finetune.Options(
           epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
           patience=args.patience, update_bn=args.update_bn,
           freeze_classifier=args.freeze_classifier, last_lp=args.last_lp))

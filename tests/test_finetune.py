@@ -2,9 +2,7 @@
 FLAIR's ``FineTuning.train_epoch``, FLAIR's class balancing, and the command
 resuming after SIGKILL with the same metrics."""
 
-import copy
 import json
-import os
 import random
 import signal
 import subprocess
@@ -240,3 +238,72 @@ def test_sigkilled_fine_tuning_resumes_with_the_same_metrics(synthetic_set):
   assert want['folds'][0]['epochs'] >= 2
   np.testing.assert_array_equal(np.load(out / 'predictions.npz')['fold0_probs'],
                                 np.load(root / 'whole' / 'predictions.npz')['fold0_probs'])
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope='module')
+def encodings():
+  """Plain and augmented (3 rounds) encodings of 41 samples of 3 classes."""
+  rng = np.random.default_rng(7)
+  labels = rng.integers(0, 3, 41)
+  centres = rng.standard_normal((3, 11))
+  feat = centres[labels] + rng.standard_normal((41, 11))
+  aug = feat[:, None] + 0.3 * rng.standard_normal((41, 3, 11))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  split = splits.fold_split(labels, shots_train='60%', shots_val='0%', shots_test='40%', seed=1)
+  return dict(labels=labels, feat=feat, aug=aug, emb=unit(feat), aug_emb=unit(aug),
+              protos=unit(centres), split=split)
+
+
+def test_tta_averages_the_logits_of_the_augmented_test_encodings(encodings):
+  from flair_jax.evaluation import augmented, linear_probe
+  e, split = encodings, encodings['split']
+  train, test = split['train'], split['test']
+  # FLAIR's ZeroShot.predict with tta: mean over rounds of exp(s) x text.T, then softmax.
+  got = augmented.fold_probs('zero-shot', 1, split, e['feat'], e['emb'], e['labels'], e['protos'],
+                             2.5, 3, aug_feat_naf=e['aug'], aug_emb_nad=e['aug_emb'], tta=True)
+  want = _softmax(np.mean([np.exp(2.5) * e['aug_emb'][test, a] @ e['protos'].T
+                           for a in range(3)], 0))
+  np.testing.assert_allclose(got, want, atol=1e-5)  # float32 logits of ~12
+  # FLAIR's LinearProbe.predict with tta, two classes: the mean of the one
+  # output's scores, then a sigmoid.
+  binary = (e['labels'] > 0).astype(np.int64)
+  got = augmented.fold_probs('linear-probe', 1, split, e['feat'], e['emb'], binary, None, 0.0, 2,
+                             aug_feat_naf=e['aug'], aug_emb_nad=e['aug_emb'], tta=True)
+  clf = linear_probe.fit(e['feat'][train], binary[train])
+  score = np.mean([e['aug'][test, a] @ clf.coef_[0] + clf.intercept_[0] for a in range(3)], 0)
+  s = 1 / (1 + np.exp(-score))
+  np.testing.assert_allclose(got, np.stack([1 - s, s], 1), atol=1e-6)
+
+
+def test_fta_trains_on_every_round_of_the_training_encodings(encodings):
+  from flair_jax.evaluation import augmented, linear_probe
+  e, split = encodings, encodings['split']
+  train, test = split['train'], split['test']
+  got = augmented.fold_probs('linear-probe', 1, split, e['feat'], e['emb'], e['labels'], None,
+                             0.0, 3, aug_feat_naf=e['aug'], aug_emb_nad=e['aug_emb'], fta=True)
+  # FLAIR's AdapterWrapper.fit: the rounds' features concatenated, round after round.
+  clf = linear_probe.fit(np.concatenate([e['aug'][train, a] for a in range(3)]),
+                         np.tile(e['labels'][train], 3))
+  np.testing.assert_allclose(got, clf.predict_proba(e['feat'][test]), atol=1e-12)
+  with pytest.raises(ValueError, match='not with'):
+    augmented.fold_probs('ft', 1, split, e['feat'], e['emb'], e['labels'], None, 0.0, 3, fta=True)
+
+
+def test_augmented_encoder_draws_each_round_from_seed_batch_and_round():
+  from flair_jax.evaluation import augmented
+  from flair_jax.training import augment as augment_lib
+  canvases = np.random.default_rng(2).random((2, 13, 13, 3), dtype=np.float32)
+  encode = lambda x: (x.mean((1, 2)), x[:, 6, 6])
+  feat, emb = augmented.augmented_encoder(encode, rounds=3, seed=4)(canvases)
+  assert feat.shape == (2, 3, 3) and emb.shape == (2, 3, 3)
+  key = jax.random.fold_in(jax.random.key(4), 0)  # batch 0
+  augment = jax.jit(augment_lib.augment)  # the encoder's compilation, from JAX's cache
+  for a in range(3):
+    want = np.asarray(augment(jax.random.fold_in(key, a), canvases))
+    np.testing.assert_allclose(feat[:, a], want.mean((1, 2)), atol=1e-6)
+  assert not np.allclose(emb[:, 0], emb[:, 1])

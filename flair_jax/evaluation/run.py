@@ -11,8 +11,8 @@ import dataclasses
 import logging
 from typing import Optional
 
-from flair_jax.evaluation import adapters, balance as balance_lib, features, finetune, linear_probe
-from flair_jax.evaluation import metrics, splits, zero_shot
+from flair_jax.evaluation import adapters, augmented, balance as balance_lib, features, finetune
+from flair_jax.evaluation import linear_probe, metrics, splits, zero_shot
 from flair_jax.evaluation.data import DownstreamSet
 
 logger = logging.getLogger(__name__)
@@ -41,14 +41,17 @@ class Experiment:
   image_size: Optional[int] = None  # default: the model's
   num_workers: int = 4  # image reading threads
   balance: bool = False  # FLAIR's oversampling of the training split
-  fta: bool = False  # FLAIR's training-time augmentation (fine-tuning batches)
+  fta: bool = False  # FLAIR's training-time augmentation
+  tta: bool = False  # FLAIR's test-time augmentation
   fine_tuning: finetune.Options = finetune.Options()  # ft, lp+ft
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f'method {self.method!r} unknown; expected one of {METHODS}')
-    if self.fta and self.method not in FINE_TUNING:
-      raise ValueError(f'--fta augments the training batches of fine-tuning (ft, lp+ft), not of '
+    if self.tta and self.method in FINE_TUNING:
+      raise ValueError("FLAIR's fine-tuning predicts without test-time augmentation; drop --tta")
+    if (self.tta or self.fta) and self.method not in augmented.METHODS + FINE_TUNING:
+      raise ValueError(f'--tta and --fta work with {augmented.METHODS + FINE_TUNING}, not with '
                        f'{self.method}')
 
   def resolved(self) -> 'Experiment':
@@ -157,12 +160,18 @@ def run(model, data: DownstreamSet, experiment: Experiment, *, progress: bool = 
   if exp.method != 'linear-probe':
     _, prototypes_cd = model.compute_text_embeddings(
         list(data.class_names), domain_knowledge=exp.domain_knowledge, knowledge=exp.knowledge)
+  encodings = None
+  if exp.tta or exp.fta:
+    encodings = set_features(augmented.augmented_encoder(model.image_features, seed=exp.seed),
+                             model.encoder, data, exp, model.image_size, progress=progress)
   # FLAIR's adapters exponentiate the stored parameter (its forward clamps).
-  return score(exp, data, feat_nf, emb_nd, prototypes_cd, model.logit_scale(clamped=False))
+  return score(exp, data, feat_nf, emb_nd, prototypes_cd, model.logit_scale(clamped=False),
+               augmented_encodings=encodings)
 
 
 def score(experiment: Experiment, data: DownstreamSet, feat_nf, emb_nd, prototypes_cd,
-          logit_scale: float, *, fine_tuner: Optional[finetune.FoldTrainer] = None) -> dict:
+          logit_scale: float, *, fine_tuner: Optional[finetune.FoldTrainer] = None,
+          augmented_encodings=None) -> dict:
   """The folds of an experiment on a set's features and class prototypes.
 
   Args:
@@ -173,6 +182,8 @@ def score(experiment: Experiment, data: DownstreamSet, feat_nf, emb_nd, prototyp
     logit_scale: the stored (unclamped) log-temperature.
     fine_tuner: scores the folds of ``ft`` / ``lp+ft`` (its training info
       joins each fold's metrics).
+    augmented_encodings: ``(features [N, A, F], embeddings [N, A, D])`` of
+      ``augmented.ROUNDS`` augmentations of each image (tta, fta).
   Returns:
     ``{'experiment', 'dataset', 'class_names', 'num_samples', 'folds':
     [per-fold metrics + split sizes], 'summary': metrics.average_folds,
@@ -190,6 +201,11 @@ def score(experiment: Experiment, data: DownstreamSet, feat_nf, emb_nd, prototyp
     info = {}
     if fine_tuner is not None:
       probs, info = fine_tuner(k, fold_seed, split)
+    elif exp.tta or exp.fta:
+      probs = augmented.fold_probs(
+          exp.method, fold_seed, split, feat_nf, emb_nd, data.labels, prototypes_cd, logit_scale,
+          num_classes, aug_feat_naf=augmented_encodings[0], aug_emb_nad=augmented_encodings[1],
+          tta=exp.tta, fta=exp.fta)
     else:
       probs = _fold_probs(exp.method, fold_seed, split, feat_nf, emb_nd, data.labels,
                           prototypes_cd, logit_scale, num_classes)
