@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -356,9 +357,10 @@ class FoldTrainer:
 
   def settings(self, split: dict, seed: int) -> dict:
     """What a fold's checkpoints belong to (a resumed run must match)."""
+    digest = lambda v: hashlib.sha256(np.asarray(v, np.int64).tobytes()).hexdigest()[:16]
     return {'options': dataclasses.asdict(self.options), 'from_probe': self.from_probe,
             'augment': self.augment, 'seed': seed,
-            'split': {k: [int(i) for i in v] for k, v in split.items()}}
+            'split': {k: f'{len(v)} images, sha256 {digest(v)}' for k, v in split.items()}}
 
   def __call__(self, fold: int, seed: int, split: dict) -> tuple[np.ndarray, dict]:
     """Fine-tunes on ``split['train']`` (early stopping on ``split['val']``)

@@ -3,6 +3,8 @@
 PyTorch FLAIR's ``main_transferability`` re-extracts features in every fold;
 the image tower is frozen and in eval mode, so extracting once gives the
 same numbers. Fold ``k`` splits with seed ``seed + k`` (FLAIR: ``k``).
+Fine-tuning (``ft``, ``lp+ft``) trains the tower itself in each fold
+(``finetune``).
 """
 
 from __future__ import annotations
