@@ -88,17 +88,24 @@ def _nnx_tower(torch_tower):
   return tower
 
 
-def _torch_train_epoch(vision, classifier, images, labels, update_bn):
-  """FLAIR's FineTuning.train_epoch (classification, fta off), transcribed."""
+def _torch_train_epoch(vision, classifier, images, labels, update_bn, freeze_classifier):
+  """FLAIR's FineTuning.train_epoch (classification, fta off), transcribed;
+  one output: LP+FT's binary cross-entropy."""
+  for p in classifier.parameters():
+    p.requires_grad = not freeze_classifier
   params = list(vision.parameters()) + list(classifier.parameters())
   optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-4)
   vision.train(update_bn)
   losses = []
   for rows in BATCHES:
     x = torch_flair.as_nchw(images[list(rows)])
-    loss = torch.nn.functional.cross_entropy(classifier(vision(x)), torch.tensor(labels[list(rows)]))
+    logits, y = classifier(vision(x)), torch.tensor(labels[list(rows)])
+    if logits.shape[-1] == 1:
+      loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[:, None].float())
+    else:
+      loss = torch.nn.functional.cross_entropy(logits, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1)
+    torch.nn.utils.clip_grad_norm_(params, 1)  # skips the frozen (gradient-free) ones
     optimizer.step()
     optimizer.zero_grad()
     losses.append(loss.item())
@@ -113,22 +120,23 @@ def _flat(module_or_tree):
           for p, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(tree))}
 
 
-@pytest.mark.parametrize('update_bn', [True, False])
-def test_steps_match_flair_train_epoch(update_bn):
+@pytest.mark.parametrize('update_bn,outputs,freeze_classifier',
+                         [(True, CLASSES, False), (False, CLASSES, False), (True, 1, True)])
+def test_steps_match_flair_train_epoch(update_bn, outputs, freeze_classifier):
   torch.manual_seed(5)
   tvision = _TorchResNet()
   torch_flair.randomize_batchnorm(tvision, 5)
-  classifier = torch.nn.Linear(WIDTH * 4, CLASSES)
+  classifier = torch.nn.Linear(WIDTH * 4, outputs)
   jvision = _nnx_tower(tvision)
   before = _flat(jvision)
   rng = np.random.default_rng(1)
   images = rng.random((6, CANVAS, CANVAS, 3), dtype=np.float32)
-  labels = rng.integers(0, CLASSES, 6)
+  labels = rng.integers(0, max(outputs, 2), 6)
 
   tower = finetune.Tower(jvision, mesh=parallel.make_mesh(devices=jax.devices()[:1]))
   start = {'kernel': classifier.weight.detach().numpy().T.copy(),
            'bias': classifier.bias.detach().numpy().copy()}
-  tx = finetune.make_optimizer()
+  tx = finetune.make_optimizer(freeze_classifier=freeze_classifier)
   state = finetune.create_state(tower, start, tx)
   step = finetune.make_train_step(tower.train_graphdef if update_bn else tower.eval_graphdef,
                                   tx, tower.mesh, augment=False)
@@ -137,7 +145,8 @@ def test_steps_match_flair_train_epoch(update_bn):
     state, out = step(state, images[list(rows)], labels[list(rows)].astype(np.int32),
                       jax.random.key(0))
     losses.append(float(out['loss']))
-  want_losses = _torch_train_epoch(tvision, classifier, images, labels, update_bn)
+  want_losses = _torch_train_epoch(tvision, classifier, images, labels, update_bn,
+                                   freeze_classifier)
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
 
   torch_flair.copy_resnet(tvision, jvision)  # the trained torch tower, in the NNX layout
@@ -158,6 +167,8 @@ def test_steps_match_flair_train_epoch(update_bn):
                              classifier.weight.detach().numpy().T, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(np.asarray(state.params['classifier']['bias']),
                              classifier.bias.detach().numpy(), rtol=1e-4, atol=1e-7)
+  moved = not np.array_equal(np.asarray(state.params['classifier']['kernel']), start['kernel'])
+  assert moved != freeze_classifier
 
 
 def _tiny_model_folder(root):
