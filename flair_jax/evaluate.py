@@ -7,6 +7,8 @@
         --targets "no glaucoma,glaucoma" --folds 5
     python -m flair_jax.evaluate --checkpoint PATH --method all-few-shot \\
         --data DATASET --shots 1,2,4,8,16 [--scenario standard]
+    python -m flair_jax.evaluate --checkpoint PATH --method ft --data ... \\
+        --shots-train 70% --shots-val 10% --shots-test 20%
 
 Writes ``metrics.json``, ``predictions.npz`` and ``confusion_matrix.png`` to
 ``--out`` and prints mean ± std over folds; with ``--shots`` (or
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import jax
 
 from data_pipelines import console
-from flair_jax.evaluation import data, report, run, splits, sweep
+from flair_jax.evaluation import data, finetune, report, run, splits, sweep
 from flair_jax.inference import FLAIRModel
 
 
@@ -65,9 +68,39 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--bert-type', help='text tower folder or hub id of a PyTorch FLAIR .pth '
                  "(default: its config.json's, else Bio_ClinicalBERT)")
   p.add_argument('--workers', type=int, default=4, help='image reading threads')
+  console.add_bool_flag(p, '--tta', default=False,
+                        help="FLAIR's test-time augmentation: logits averaged over 20 augmented "
+                        'encodings (zero-shot, linear probe, adapters; default: false)')
+  console.add_bool_flag(p, '--fta', default=False,
+                        help="FLAIR's training-time augmentation: 20 augmented encodings of each "
+                        'training image, or augmented fine-tuning batches (default: false)')
+  console.add_bool_flag(p, '--balance', default=False,
+                        help="FLAIR's oversampling of each class of the training split to the "
+                        'largest (default: false)')
+  _add_fine_tuning_flags(p)
   p.add_argument('--out', default='eval_results', help='output folder')
   console.add_verbose_flag(p)
   return p.parse_args(argv)
+
+
+def _add_fine_tuning_flags(p) -> None:
+  """FLAIR's fine-tuning settings (``--method ft`` / ``lp+ft``)."""
+  g = p.add_argument_group('fine-tuning (ft, lp+ft)')
+  defaults = finetune.Options()
+  g.add_argument('--epochs', type=int, default=defaults.epochs, help='default: %(default)s')
+  g.add_argument('--train-batch-size', type=int, default=defaults.batch_size,
+                 help='images per training step (default: %(default)s)')
+  g.add_argument('--lr', type=float, default=defaults.lr, help='AdamW rate (default: %(default)s)')
+  g.add_argument('--patience', type=int, default=defaults.patience,
+                 help='epochs without a better validation macro F1 before stopping '
+                 '(default: %(default)s)')
+  console.add_bool_flag(g, '--update-bn', default=True,
+                        help='BatchNorm in train mode (default: true)')
+  console.add_bool_flag(g, '--freeze-classifier', default=False,
+                        help='train the tower only (default: false)')
+  console.add_bool_flag(g, '--last-lp', default=False,
+                        help='a linear probe on the fine-tuned features replaces the classifier '
+                        '(default: false)')
 
 
 def main(argv=None) -> dict:
@@ -89,10 +122,15 @@ def main(argv=None) -> dict:
       shots_val=args.shots_val, shots_test=args.shots_test, seed=args.seed,
       domain_knowledge=args.domain_knowledge, knowledge=args.knowledge,
       batch_size=args.batch_size, crop_foreground=args.crop_foreground,
-      image_size=args.image_size, num_workers=args.workers, scenario=args.scenario)
+      image_size=args.image_size, num_workers=args.workers, scenario=args.scenario,
+      balance=args.balance, tta=args.tta, fta=args.fta, fine_tuning=finetune.Options(
+          epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+          patience=args.patience, update_bn=args.update_bn,
+          freeze_classifier=args.freeze_classifier, last_lp=args.last_lp))
   if sweeping:
     return _sweep(args, model, dataset, experiment, shots)
-  results = run.run(model, dataset, experiment)
+  # Fine-tuning checkpoints each fold there: the same command resumes.
+  results = run.run(model, dataset, experiment, workdir=os.path.join(args.out, 'finetune'))
   paths = report.write_all(results, args.out)
   print(report.table(results))
   print('\nwrote ' + ', '.join(paths.values()))
