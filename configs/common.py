@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.augment = True
   c.train.text_dropout = True
   c.train.remat = False
+  # Micro-batches per step: the gradient of the whole batch's loss (every row
+  # scored against the whole batch) with 1/K of the towers' activations held
+  # for the backward pass; see flair_jax/training/step.py for BatchNorm.
+  c.train.accumulation_steps = 1
   # Parameters left out of the optimiser (regexes over '/'-joined paths);
   # the BERT pooler gets no gradient in PyTorch FLAIR, so it is not updated.
   c.train.frozen = ('text_model/pooler/.*',)

@@ -23,9 +23,12 @@ def _env(devices=2):
   return subprocess_env(devices)
 
 
-def _train_cmd(workdir, *extra):
+def _train_cmd(workdir, *extra, accumulation_steps=4):
+  # Four micro-batches of 2 rows per device: resume and damage handling are
+  # checked on the accumulated step (the multi-host tests run K = 1).
   return [sys.executable, '-m', 'flair_jax.train', *TINY, '--workdir', str(workdir),
-          '--config.eval.every_steps=0', *extra]
+          '--config.eval.every_steps=0',
+          f'--config.train.accumulation_steps={accumulation_steps}', *extra]
 
 
 def _steps_logged(workdir):
@@ -93,7 +96,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_parameters(uninter
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   workdir = tmp_path / 'term'
-  proc = subprocess.Popen(_train_cmd(workdir, '--config.checkpoint.every_steps=100'),
+  proc = subprocess.Popen(_train_cmd(workdir, '--config.checkpoint.every_steps=100',
+                                     accumulation_steps=2),
                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 400
   while _steps_logged(workdir) < 2 and proc.poll() is None and time.time() < deadline:

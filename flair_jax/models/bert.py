@@ -3,7 +3,10 @@
 Numerics follow transformers: word + position + token-type embeddings,
 post-LayerNorm encoder, additive attention mask, exact erf GELU (``"gelu"``),
 and the tanh pooler (kept so state dicts round-trip; FLAIR does not use it).
-Dropout is applied only when a ``dropout_key`` is passed.
+Dropout is applied only when a ``dropout_key`` is passed: one key for the
+batch, or one key per row (``[B]`` keys), with which a row's draws depend on
+its own key only, so that the rows of a batch split into parts draw as they
+would together.
 """
 
 from __future__ import annotations
@@ -67,10 +70,23 @@ class BertConfig:
     return d
 
 
+def _split(key, num):
+  """``num`` keys from one key, or from ``[B]`` per-row keys (each ``[B]``)."""
+  if key is None:
+    return [None] * num
+  if key.ndim == 0:
+    return list(jax.random.split(key, num))
+  keys_bn = jax.vmap(lambda k: jax.random.split(k, num))(key)
+  return [keys_bn[:, i] for i in range(num)]
+
+
 def _dropout(x, rate, key):
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  if key.ndim == 0:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  else:  # per-row keys
+    keep = jax.vmap(lambda k, row: jax.random.bernoulli(k, 1.0 - rate, row.shape))(key, x)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -132,9 +148,7 @@ class BertLayer(nnx.Module):
     b, l, d = x_bld.shape
     nh = self.num_heads
     hd = d // nh
-    k1 = k2 = k3 = None
-    if key is not None:
-      k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3 = _split(key, 3)
     split = lambda t: t.reshape(b, l, nh, hd)
     q_blnh, k_blnh, v_blnh = split(self.query(x_bld)), split(self.key(x_bld)), split(self.value(x_bld))
     scores_bnqk = jnp.einsum('bqnh,bknh->bnqk', q_blnh, k_blnh,
@@ -169,7 +183,8 @@ class Bert(nnx.Module):
       input_ids_bl: int token ids ``[B, L]``.
       attention_mask_bl: 1 for real tokens, 0 for padding, ``[B, L]``.
       token_type_ids_bl: optional ``[B, L]``; zeros when absent (as FLAIR).
-      dropout_key: PRNG key enabling dropout (training); None is eval mode.
+      dropout_key: PRNG key enabling dropout (training), or ``[B]`` keys, one
+        per row; None is eval mode.
       with_pooler: also compute the tanh pooler on the first token.
 
     Returns:
@@ -181,9 +196,7 @@ class Bert(nnx.Module):
     # transformers' additive mask: 0 where attended, dtype-min where masked.
     bias_b11l = ((1.0 - attention_mask_bl[:, None, None, :].astype(jnp.float32))
                  * jnp.finfo(jnp.float32).min)
-    keys = [None] * (len(self.layers) + 1)
-    if dropout_key is not None:
-      keys = list(jax.random.split(dropout_key, len(self.layers) + 1))
+    keys = _split(dropout_key, len(self.layers) + 1)
     x = self.embeddings(input_ids_bl, token_type_ids_bl)
     x = _dropout(x, self.config.hidden_dropout_prob, keys[0])
     hidden_states = [x]

@@ -36,7 +36,7 @@ def clamp_logit_scale(logit_scale):
   return logit_scale + jax.lax.stop_gradient(clamped - logit_scale)
 
 
-def flair_text_pool(hidden_states, attention_mask_bl, pooling='flair'):
+def flair_text_pool(hidden_states, attention_mask_bl, pooling='flair', length=None):
   """FLAIR's text embedding from BERT hidden states.
 
   ``'flair'``: mean over layers 1, 2 and last of the mean over the positions
@@ -48,13 +48,18 @@ def flair_text_pool(hidden_states, attention_mask_bl, pooling='flair'):
   Args:
     hidden_states: tuple of ``[B, L, H]`` arrays, index 0 the embeddings.
     attention_mask_bl: ``[B, L]`` with 1 for real tokens.
+    pooling: ``'flair'`` or ``'masked'``.
+    length: for ``'flair'``, the longest sequence of the whole batch when
+      these rows are a part of it (a micro-batch); default: of these rows.
   Returns:
     ``[B, H]`` float32.
   """
   layers_kbld = jnp.stack([hidden_states[1], hidden_states[2], hidden_states[-1]]).astype(jnp.float32)
   mask_bl = attention_mask_bl.astype(jnp.float32)
   if pooling == 'flair':
-    length = jnp.max(jnp.sum(mask_bl, axis=1))
+    if length is None:
+      length = jnp.max(jnp.sum(mask_bl, axis=1))
+    length = jnp.asarray(length, jnp.float32)
     positions_l = jnp.arange(mask_bl.shape[1])
     weight_bl = jnp.broadcast_to((positions_l < length).astype(jnp.float32) / length, mask_bl.shape)
   elif pooling == 'masked':
@@ -127,16 +132,20 @@ class FLAIRTowers(nnx.Module):
     return self.vision_projection(self.image_features(images_bhwc))
 
   def text_features(self, input_ids_bl, attention_mask_bl, *,
-                    dropout_key: Optional[jax.Array] = None):
-    """Un-projected pooled text features ``[B, hidden]``."""
+                    dropout_key: Optional[jax.Array] = None, pool_length=None):
+    """Un-projected pooled text features ``[B, hidden]``.
+
+    ``dropout_key``: as ``Bert``'s. ``pool_length``: as ``flair_text_pool``'s
+    ``length``.
+    """
     hidden, _ = self.text_model(input_ids_bl, attention_mask_bl, dropout_key=dropout_key)
-    return flair_text_pool(hidden, attention_mask_bl, self.text_pooling)
+    return flair_text_pool(hidden, attention_mask_bl, self.text_pooling, pool_length)
 
   def encode_text(self, input_ids_bl, attention_mask_bl, *,
-                  dropout_key: Optional[jax.Array] = None):
+                  dropout_key: Optional[jax.Array] = None, pool_length=None):
     """Projected (and normalised) text embeddings ``[B, proj_dim]``."""
-    return self.text_projection(
-        self.text_features(input_ids_bl, attention_mask_bl, dropout_key=dropout_key))
+    return self.text_projection(self.text_features(
+        input_ids_bl, attention_mask_bl, dropout_key=dropout_key, pool_length=pool_length))
 
   def scale(self):
     """``exp`` of the clamped log-temperature (float32 scalar)."""
@@ -147,10 +156,11 @@ class FLAIRTowers(nnx.Module):
     return self.scale() * jnp.einsum('bd,td->bt', img_bd, txt_td)
 
   def __call__(self, images_bhwc, input_ids_bl, attention_mask_bl, *,
-               dropout_key: Optional[jax.Array] = None):
+               dropout_key: Optional[jax.Array] = None, pool_length=None):
     """Returns ``(img_bd, txt_bd, logit_scale)`` (scale clamped, not exp'd)."""
     img_bd = self.encode_image(images_bhwc)
-    txt_bd = self.encode_text(input_ids_bl, attention_mask_bl, dropout_key=dropout_key)
+    txt_bd = self.encode_text(input_ids_bl, attention_mask_bl, dropout_key=dropout_key,
+                              pool_length=pool_length)
     return img_bd, txt_bd, clamp_logit_scale(self.logit_scale[...])
 
 

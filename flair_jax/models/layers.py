@@ -54,6 +54,10 @@ class BatchNorm(nnx.Module):
   variance receives the UNBIASED batch variance, as ``torch.nn.BatchNorm2d``.
   ``num_batches_tracked`` is kept so that state dicts round-trip.
   Statistics are computed in float32 whatever the compute dtype.
+
+  For a batch split into micro-batches (gradient accumulation) the layer
+  can also record the statistics of a whole batch (``record_moments``) and
+  later normalise one micro-batch with them (``use_moments``); see there.
   """
 
   def __init__(self, num_features: int, *, momentum: float = 0.1,
@@ -68,15 +72,20 @@ class BatchNorm(nnx.Module):
     self.epsilon = epsilon
     self.dtype = dtype
     self.use_running_average = use_running_average
+    self.moments = nnx.data(None)  # see record_moments / use_moments
 
   def __call__(self, x):
     axes = tuple(range(x.ndim - 1))
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
+    elif isinstance(self.moments, GivenMoments):
+      mean, var = self.moments.normalising_moments(x.astype(jnp.float32), axes)
     else:
       xf = x.astype(jnp.float32)
       mean = jnp.mean(xf, axes)
       var = jnp.mean(jnp.square(xf - mean), axes)
+      if isinstance(self.moments, RecordedMoments):
+        self.moments = RecordedMoments((mean, var))
       n = math.prod(x.shape[a] for a in axes)
       unbiased = var * (n / max(n - 1, 1))
       m = self.momentum
@@ -86,6 +95,63 @@ class BatchNorm(nnx.Module):
     inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
     shift = self.bias[...] - mean * inv
     return (x.astype(jnp.float32) * inv + shift).astype(self.dtype)
+
+
+class RecordedMoments(nnx.Intermediate):
+  """The ``(mean, biased var)`` a train-mode BatchNorm normalised a batch with."""
+
+
+class GivenMoments(nnx.Variable):
+  """Whole-batch ``(mean, var)`` and a micro-batch's share of the batch.
+
+  The micro-batch is normalised with the whole batch's statistics (the
+  forward pass is the whole batch's, row for row). The gradient flows
+  through them as through the statistics of the whole batch, but only via
+  this micro-batch's own rows: ``d mean / d x_i = 1 / B`` and
+  ``d var / d x_i = 2 (x_i - mean) / B`` for its rows ``i``, as in the whole
+  batch; the terms through the other micro-batches' rows are absent (each
+  would need the other micro-batches' backward pass at every BatchNorm).
+  The running statistics are not updated (the whole batch's pass did).
+  """
+
+  def normalising_moments(self, xf, axes):
+    mean_all, var_all, share = self.get_value()
+    mean_all, var_all = jax.lax.stop_gradient(mean_all), jax.lax.stop_gradient(var_all)
+    own_mean = jnp.mean(xf, axes)
+    # Centred on the whole batch's mean: the mean's own gradient through the
+    # variance, sum_i (x_i - mean) / B, is zero there as in the whole batch.
+    own_var = jnp.mean(jnp.square(xf - mean_all), axes)
+    # Values: exactly the whole batch's; gradients: this share of the rows.
+    mean = mean_all + share * (own_mean - jax.lax.stop_gradient(own_mean))
+    var = var_all + share * (own_var - jax.lax.stop_gradient(own_var))
+    return mean, var
+
+
+def batchnorms(model: nnx.Module) -> list:
+  """The model's :class:`BatchNorm` layers, in a fixed order."""
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+
+
+def record_moments(model: nnx.Module) -> None:
+  """Train-mode BatchNorms of ``model`` keep the statistics of their next call."""
+  for bn in batchnorms(model):
+    bn.moments = RecordedMoments(None)
+
+
+def recorded_moments(model: nnx.Module) -> list:
+  """``[(mean, var)]`` per BatchNorm (:func:`batchnorms` order) since
+  :func:`record_moments`; ``None`` for a layer in eval mode."""
+  return [bn.moments.get_value() if isinstance(bn.moments, RecordedMoments) else None
+          for bn in batchnorms(model)]
+
+
+def use_moments(model: nnx.Module, moments: list, share) -> None:
+  """Train-mode BatchNorms normalise with ``moments`` (from
+  :func:`recorded_moments` of the whole batch); ``share`` is the micro-batch's
+  fraction of the batch's rows. See :class:`GivenMoments`."""
+  for bn, m in zip(batchnorms(model), moments, strict=True):
+    if m is not None:
+      bn.moments = GivenMoments((m[0], m[1], share))
 
 
 class Linear(nnx.Module):

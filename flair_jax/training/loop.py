@@ -85,6 +85,12 @@ def _start_devices(cfg: ml_collections.ConfigDict):
   if cfg.train.batch_size % (mesh.shape['data'] * mesh.shape.get('fsdp', 1)):
     raise train_setup.ConfigError(f'train.batch_size {cfg.train.batch_size} is not a multiple '
                                   f'of the {jax.device_count()} devices')
+  steps = cfg.train.accumulation_steps
+  if steps < 1 or cfg.train.batch_size % (steps * mesh.shape['data']):
+    raise train_setup.ConfigError(
+        f'train.accumulation_steps {steps} must be at least 1 and split train.batch_size '
+        f'{cfg.train.batch_size} into micro-batches of equal rows on each of the '
+        f'{mesh.shape["data"]} devices (batch_size a multiple of accumulation_steps x devices)')
   dtype = train_setup.compute_dtype(cfg.train.compute_dtype)
   logger.info('devices: %d x %s over %d process(es); compute dtype %s', jax.device_count(),
               jax.devices()[0].device_kind, jax.process_count(), jnp.dtype(dtype).name)
@@ -101,7 +107,8 @@ def _model_and_step(cfg, data: train_setup.TrainingData, mesh: Mesh, dtype):
   optimizer = train_setup.make_optimizer(cfg, schedule)
   graphdef, state = step_lib.create_train_state(model, optimizer, mesh)
   options = step_lib.StepOptions(augment=cfg.train.augment, text_dropout=cfg.train.text_dropout,
-                                 remat=cfg.train.remat)
+                                 remat=cfg.train.remat,
+                                 accumulation_steps=cfg.train.accumulation_steps)
   train_step = step_lib.make_train_step(graphdef, optimizer, mesh, schedule=schedule,
                                         options=options, compute_dtype=dtype)
   return model_config, graphdef, state, train_step
