@@ -126,7 +126,8 @@ class JaxRunner:
     tx = optim.make_optimizer(schedule, trainable_mask=lambda p: optim.trainable_mask(p, FROZEN))
     graphdef, self.state = init_train_state(lambda: make_model(args, dtype), tx, mesh)
     self.init_s = time.perf_counter() - t0
-    options = step_lib.StepOptions(augment=args.augment, text_dropout=True, remat=args.remat)
+    options = step_lib.StepOptions(augment=args.augment, text_dropout=True, remat=args.remat,
+                                   accumulation_steps=args.accumulation_steps)
     step = step_lib.make_train_step(graphdef, tx, mesh, schedule=schedule, options=options,
                                     compute_dtype=dtype)
     self.key = jax.random.key(0)
@@ -399,6 +400,8 @@ def parse_args(argv=None):
   p.add_argument('--mode', choices=('device', 'grain'), default='device')
   p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True)
   p.add_argument('--remat', action=argparse.BooleanOptionalAction, default=False)
+  p.add_argument('--accumulation-steps', type=int, default=1,
+                 help='flair_jax micro-batches per step (benchmarks/accumulation.py)')
   p.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True)
   p.add_argument('--devices', type=int, default=1,
                  help='devices of the data mesh (on CPU: simulated host devices)')

@@ -228,7 +228,7 @@ def _committed_epochs(out):
   return [p.name for p in folder.iterdir() if p.name.isdigit() and (p / 'commit_success.txt').exists()]
 
 
-def test_sigkilled_fine_tuning_resumes_with_the_same_metrics(synthetic_set):
+def test_sigkilled_fine_tuning_resumes_with_the_same_metrics_past_a_damaged_epoch(synthetic_set):
   root, ckpt, data = synthetic_set
   env = subprocess_env(1)
   whole = subprocess.run(_ft_cmd(ckpt, data, root / 'whole'), env=env, capture_output=True,
@@ -238,15 +238,25 @@ def test_sigkilled_fine_tuning_resumes_with_the_same_metrics(synthetic_set):
   proc = subprocess.Popen(_ft_cmd(ckpt, data, out), env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while not _committed_epochs(out) and proc.poll() is None and time.time() < deadline:
+  while len(_committed_epochs(out)) < 2 and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (out / 'finetune' / 'fold0' / 'result.npz').exists(), 'finished before the kill'
+  # The newest epoch's largest array file cut in half: the run resumes from
+  # the epoch before it and still ends with the same metrics.
+  folder = out / 'finetune' / 'fold0' / 'checkpoints'
+  newest = folder / max(_committed_epochs(out), key=int)
+  victim = max((p for p in newest.rglob('*') if p.is_file() and p.parent.name == 'd'),
+               key=lambda p: p.stat().st_size)
+  with open(victim, 'r+b') as f:
+    f.truncate(victim.stat().st_size // 2)
   resumed = subprocess.run(_ft_cmd(ckpt, data, out), env=env, capture_output=True, text=True,
                            timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed after epoch' in resumed.stderr
+  assert [p.name.split('.')[0] for p in folder.iterdir() if '.damaged-' in p.name] == [newest.name]
+  assert 'Traceback' not in resumed.stderr, resumed.stderr[-3000:]
   want = json.loads((root / 'whole' / 'metrics.json').read_text())
   got = json.loads((out / 'metrics.json').read_text())
   assert got['folds'] == want['folds'] and got['summary'] == want['summary']

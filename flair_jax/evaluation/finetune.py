@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -253,8 +254,9 @@ class _FoldCheckpoints:
 
   def __init__(self, directory: str):
     self.directory = os.path.abspath(directory)
+    # Two epochs kept: when the newest does not restore, the one before does.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
   def save(self, epoch: int, state, best, meta: dict) -> None:
     self.manager.save(epoch, args=ocp.args.Composite(
@@ -262,18 +264,28 @@ class _FoldCheckpoints:
         meta=ocp.args.JsonSave(meta)))
 
   def restore(self, state, best, settings: dict):
-    """``(state, best, meta)`` of the newest epoch, in the shapes and
-    shardings of the arguments; None when there is none."""
-    epoch = self.manager.latest_step()
-    if epoch is None:
-      return None
+    """``(state, best, meta)`` of the newest epoch that restores, in the
+    shapes and shardings of the arguments; None when there is none. An
+    epoch that does not restore (a damaged or unfinished write) is moved
+    aside as ``<epoch>.damaged-<time>`` and logged."""
     abstract = lambda tree: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    restored = self.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(state)),
-        best=ocp.args.StandardRestore(abstract(best)), meta=ocp.args.JsonRestore()))
-    _check_settings(restored['meta']['settings'], settings, self.directory)
-    return restored['state'], restored['best'], restored['meta']
+    for epoch in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        with checkpoints_lib.quiet_abandoned_reads():
+          restored = self.manager.restore(epoch, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract(state)),
+              best=ocp.args.StandardRestore(abstract(best)), meta=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except
+        aside = os.path.join(self.directory, f'{epoch}.damaged-{time.strftime("%Y%m%d-%H%M%S")}')
+        os.rename(os.path.join(self.directory, str(epoch)), aside)
+        logger.warning('fine-tuning checkpoint of epoch %d does not restore (%s); moved it to %s',
+                       epoch, checkpoints_lib.short_reason(error), aside)
+        self.manager.reload()
+        continue
+      _check_settings(restored['meta']['settings'], settings, self.directory)
+      return restored['state'], restored['best'], restored['meta']
+    return None
 
   def close(self) -> None:
     self.manager.wait_until_finished()

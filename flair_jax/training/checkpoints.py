@@ -103,12 +103,12 @@ class Checkpoints:
         continue
       reason, restored = None, None
       try:
-        with _quiet_abandoned_reads():
+        with quiet_abandoned_reads():
           restored = self._restore_step(step, state, data_iter)
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  # any damage: set aside
-        reason = _short_reason(e)
+        reason = short_reason(e)
       if not parallel.any_process(reason is not None):
         return restored
       reason = reason or 'failed on another process'
@@ -197,7 +197,7 @@ _ABANDONED_READ_ECHOES = _AbandonedReadEchoes()
 
 
 @contextlib.contextmanager
-def _quiet_abandoned_reads():
+def quiet_abandoned_reads():
   """orbax reads arrays in asyncio tasks; when one read fails, the errors of
   the others are never retrieved and asyncio logs each one, with the whole
   TensorStore spec, when the task is collected, and TensorStore's callbacks
@@ -243,7 +243,7 @@ def _wait_until_quiet(captured, settle: float = 0.3, limit: float = 3.0) -> None
     time.sleep(0.05)
 
 
-def _short_reason(error: BaseException) -> str:
+def short_reason(error: BaseException) -> str:
   """The first line of an error, without TensorStore's attached details."""
   text = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore')[0]
   return f'{type(error).__name__}: {text[:300]}'

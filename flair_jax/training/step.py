@@ -219,6 +219,9 @@ def make_accumulated_grad_fn(graphdef, mesh: Mesh, *, options: StepOptions = Ste
       (g,) = vjp((x['g_img'], x['g_txt'], x['g_scale']))
       return jax.tree.map(jnp.add, grads, g), None
 
+    # A loop, not K unrolled copies: one micro-batch's activations live at a
+    # time. (XLA:CPU runs convolutions inside loops several times slower than
+    # outside; see benchmarks/README.md.)
     grads, _ = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), xs)
     return (loss, (new_stats, scale)), grads
 
