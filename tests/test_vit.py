@@ -1,7 +1,6 @@
 """The ViT image tower against timm: features, weight import with position
 embedding resampling, and the key table both ways."""
 
-import os
 
 import numpy as np
 import pytest
@@ -20,6 +19,10 @@ from flair_jax.convert.pretrained import load_vision_weights
 from flair_jax.models import VisionConfig, factory, resample, vit
 from flair_jax.models.state import assign_state
 
+# Small photographs (a colour JPEG, a colour PNG, a greyscale PNG): decoding
+# the large ones would take most of the test's time.
+SMALL_PHOTOS = ('flair_severe_nonprol_dr.jpg', 'flair_normal_sample.png',
+                'skimage_microaneurysms.png')
 # A small ViT of odd sizes (3 heads of 20) so that no axis can be swapped.
 SHAPE = dict(patch_size=16, embed_dim=60, depth=2, heads=3, mlp_ratio=3.0)
 
@@ -45,9 +48,8 @@ def _config(img_size, pool='token', norm='inception'):
 
 
 def _photos(fundus_dir, size):
-  names = sorted(os.listdir(fundus_dir))[:3]
   return np.stack([images.flair_inference_canvas(np.asarray(Image.open(fundus_dir / n)), size)
-                   for n in names]).astype(np.float32)
+                   for n in SMALL_PHOTOS]).astype(np.float32)
 
 
 def _timm_features(model, photos_bhwc, mean, std):
