@@ -65,14 +65,19 @@ def get_config(arg: str = ''):
     c.export_torch = False
     c.plots = False
   elif arg == 'vit':
+    # A ViT from scratch needs more updates than the ResNet: small batches,
+    # no augmentation, 4-pixel patches of a 48 canvas (144 tokens).
     c.data.build.n_train = 1200
     c.data.build.n_test = 300
     c.data.build.canvas = 48
     c.model.image_size = 48
     c.model.vision = 'vit'
-    c.model.vit.update(image_size=48, patch_size=8, embed_dim=64, depth=2, heads=4,
+    c.model.vit.update(image_size=48, patch_size=4, embed_dim=64, depth=2, heads=4,
                        mlp_ratio=2.0, pool='avg')
-    c.train.epochs = 8
+    c.train.batch_size = 16
+    c.train.epochs = 9
+    c.train.lr = 2e-3
+    c.train.augment = False
     c.checkpoint.every_steps = 0
     c.eval.every_steps = 0
     c.plots = False
