@@ -72,10 +72,10 @@ def get_config(arg: str = ''):
     c.data.build.canvas = 48
     c.model.image_size = 48
     c.model.vision = 'vit'
-    c.model.vit.update(image_size=48, patch_size=4, embed_dim=64, depth=2, heads=4,
+    c.model.vit.update(image_size=48, patch_size=4, embed_dim=128, depth=2, heads=4,
                        mlp_ratio=2.0, pool='avg')
     c.train.batch_size = 16
-    c.train.epochs = 9
+    c.train.epochs = 8
     c.train.lr = 2e-3
     c.train.augment = False
     c.checkpoint.every_steps = 0

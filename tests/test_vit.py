@@ -17,6 +17,7 @@ from flair_jax import trees
 from flair_jax.convert import table, torch_io
 from flair_jax.convert.pretrained import load_vision_weights
 from flair_jax.models import VisionConfig, factory, resample, vit
+from flair_jax.models.config import PIXEL_NORMS
 from flair_jax.models.state import assign_state
 
 # Small photographs (a colour JPEG, a colour PNG, a greyscale PNG): decoding
@@ -41,7 +42,6 @@ def _timm(img_size, pool='token', seed=0):
 
 
 def _config(img_size, pool='token', norm='inception'):
-  from flair_jax.models.config import PIXEL_NORMS
   mean, std = PIXEL_NORMS[norm]
   return VisionConfig(type='vit', image_size=img_size, pool=pool, pixel_mean=mean,
                       pixel_std=std, **SHAPE)
