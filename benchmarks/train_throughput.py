@@ -86,7 +86,7 @@ def make_model(args, dtype):
 def _leaf_value(name, shape, dtype, rng):
   if name == 'kernel':  # He-like scale keeps activations O(1); values do not matter here
     return (rng.standard_normal(shape, np.float32) / math.sqrt(np.prod(shape[:-1]))).astype(dtype)
-  if name == 'embedding':
+  if name in ('embedding', 'cls_token', 'pos_embed'):
     return (0.02 * rng.standard_normal(shape, np.float32)).astype(dtype)
   if name in ('scale', 'var'):
     return np.ones(shape, dtype)
@@ -95,7 +95,8 @@ def _leaf_value(name, shape, dtype, rng):
   if name == 'logit_scale':
     return np.full(shape, math.log(1 / 0.07), dtype)
   raise ValueError(f'no benchmark initialiser for parameter kind {name!r}; expected one of '
-                   'kernel, embedding, scale, var, bias, mean, num_batches_tracked, logit_scale')
+                   'kernel, embedding, cls_token, pos_embed, scale, var, bias, mean, num_batches_tracked, '
+                   'logit_scale')
 
 
 def init_train_state(make, tx, mesh, seed=0):
