@@ -158,3 +158,23 @@ def test_vision_config_round_trips_and_names_timm_models():
   model = timm.create_model(vit.timm_name(config), pretrained=False, **vit.timm_kwargs(config))
   abstract = {k: v.shape for k, v in model.state_dict().items()}
   assert abstract['pos_embed'] == (1, 197, 768) and 'head.weight' not in abstract
+
+
+def test_config_keys_choose_the_tower_its_normalisation_and_weights():
+  from configs import common, flair_vit  # pylint: disable=g-import-not-at-top
+  from flair_jax.training import setup  # pylint: disable=g-import-not-at-top
+  cfg = flair_vit.get_config()
+  got = setup.vision_config(cfg.model)
+  assert (got.type, got.image_size, got.embed_dim, got.pixel_mean) == ('vit', 224, 768, (0.5,) * 3)
+  cfg.model.vision_norm = 'imagenet'
+  assert setup.vision_config(cfg.model).pixel_std == PIXEL_NORMS['imagenet'][1]
+  cfg.model.vision_norm = 'imagenett'
+  with pytest.raises(setup.ConfigError, match='vision_norm'):
+    setup.vision_config(cfg.model)
+  base = common.base_config()
+  assert setup.vision_config(base.model) == VisionConfig()  # ResNet-50, FLAIR's raw input
+  base.model.resnet_weights = 'r50.pth'  # the older name still works
+  assert setup.vision_weights(base.model) == 'r50.pth'
+  base.model.vision_weights = 'other.pth'
+  with pytest.raises(setup.ConfigError, match='different files'):
+    setup.vision_weights(base.model)
