@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from flax import nnx
 
-from flair_jax import checkpoint
-from flair_jax.convert.flair_torch import export_to_torch
+from flair_jax import checkpoint, trees
+from flair_jax.convert.flair_torch import export_to_torch, read_torch_flair
 from flair_jax.convert.pretrained import read_bert_config
 from flair_jax.inference import FLAIRModel
 from flair_jax.models import ModelConfig, VisionConfig, build_model
@@ -76,6 +76,18 @@ def test_load_flair_torch_logits_equal_flair_jax(vision, size, bert_dir, photos,
   np.testing.assert_allclose(probs, want_probs, atol=1e-5)
   if vision.type == 'vit':
     _check_parts(out, bert_dir)
+    _check_reads_back(out, ckpt)
+
+
+def _check_reads_back(out, ckpt):
+  """from-torch of the ViT export gives the checkpoint back, bitwise."""
+  state, config = read_torch_flair(out)
+  want_state, want_config = checkpoint.load_state(ckpt)
+  assert config.vision == want_config.vision and config.image_size == want_config.image_size
+  got, want = trees.flatten(state), trees.flatten(want_state)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert np.array_equal(np.asarray(got[k]), np.asarray(want[k])), k
 
 
 def _check_parts(out, bert_dir):
