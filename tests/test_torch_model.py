@@ -70,7 +70,8 @@ def test_load_flair_torch_logits_equal_flair_jax(vision, size, bert_dir, photos,
   ckpt, out = _export(vision, size, bert_dir, tmp_path)
   probs, logits = load_flair_torch(out)(photos, CLASSES)
   want_probs, want_logits = FLAIRModel.from_pretrained(ckpt)(photos, CLASSES)
-  # float32 towers in two frameworks: a few ulps of the logit scale (~14).
+  # float32 towers in two frameworks (ViT: 12 blocks): measured ~3e-6 of the
+  # logits' scale; 1e-5 leaves room for other BLAS builds.
   scale = np.abs(want_logits).max()
   np.testing.assert_allclose(logits, want_logits, atol=1e-5 * scale)
   np.testing.assert_allclose(probs, want_probs, atol=1e-5)
