@@ -56,12 +56,30 @@ class ResNetTower(torch.nn.Module):
     return self.layers(self.stem(images_bchw)).mean((2, 3))
 
 
-class TorchFLAIRModel(torch.nn.Module):
-  """Both towers, FLAIR's projection heads and temperature."""
+class ViTTower(torch.nn.Module):
+  """timm's VisionTransformer without classifier, after the input normalisation."""
 
-  def __init__(self, bert_config: dict, stages: Sequence[int], width: int, proj_dim: int):
+  def __init__(self, vit_kwargs: dict):
     super().__init__()
-    self.vision = ResNetTower(stages, width)
+    from timm.models.vision_transformer import VisionTransformer  # pylint: disable=g-import-not-at-top
+    self.vit = VisionTransformer(**vit_kwargs, num_classes=0)
+    self.out_features = self.vit.num_features
+
+  def forward(self, images_bchw):
+    return self.vit((images_bchw - 0.5) / 0.5)
+
+
+class TorchFLAIRModel(torch.nn.Module):
+  """Both towers, FLAIR's projection heads and temperature.
+
+  ``vit``: timm ``VisionTransformer`` arguments for a ViT image tower
+  (``stages`` and ``width`` are then unused), or None for the ResNet.
+  """
+
+  def __init__(self, bert_config: dict, stages: Sequence[int], width: int, proj_dim: int,
+               vit: dict = None):
+    super().__init__()
+    self.vision = ViTTower(vit) if vit else ResNetTower(stages, width)
     self.bert = transformers.BertModel(transformers.BertConfig(**bert_config),
                                        add_pooling_layer=False)
     self.vision_proj = torch.nn.Linear(self.vision.out_features, proj_dim, bias=False)
@@ -174,7 +192,8 @@ def count_flops(model_args: tuple, host_batch: dict, *, augment_images: bool = T
   computed, so any size is cheap. The optimiser adds no such FLOPs.
 
   Args:
-    model_args: ``TorchFLAIRModel`` arguments ``(bert_config, stages, width, proj_dim)``.
+    model_args: ``TorchFLAIRModel`` arguments ``(bert_config, stages, width, proj_dim,
+      vit)``.
     host_batch: a pipeline batch (its captions set the padded length).
   """
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top

@@ -18,6 +18,8 @@ flair_jax pads to the static ``--text-length`` (77, the pipeline's).
       --resnet-stages 1 1 1 1 --resnet-width 16 --bert-layers 2 --bert-hidden 64 \\
       --bert-heads 2 --bert-intermediate 128 --bert-vocab 1000 --proj-dim 32
   python benchmarks/train_throughput.py --image-size 224 --batch 8   # ResNet-50 + BERT-base
+  python benchmarks/train_throughput.py --vision vit --image-size 224 --batch 128
+      # ViT-B/16 (timm's VisionTransformer on the torch side) + BERT-base
 
 ``--mode grain`` feeds both from the grain pipeline over a ``fundus_synthetic``
 set built (once) at the image size under ``--data-dir``.
@@ -69,7 +71,12 @@ def make_model(args, dtype):
   bert = BertConfig(vocab_size=args.bert_vocab, hidden_size=args.bert_hidden,
                     num_hidden_layers=args.bert_layers, num_attention_heads=args.bert_heads,
                     intermediate_size=args.bert_intermediate)
-  vision = VisionConfig(stages=tuple(args.resnet_stages), width=args.resnet_width)
+  if args.vision == 'vit':
+    vision = VisionConfig(type='vit', image_size=args.image_size, patch_size=args.vit_patch,
+                          embed_dim=args.vit_width, depth=args.vit_depth, heads=args.vit_heads,
+                          remat=args.remat)
+  else:
+    vision = VisionConfig(stages=tuple(args.resnet_stages), width=args.resnet_width)
   model = build_model(ModelConfig(bert=bert, vision=vision, proj_dim=args.proj_dim), dtype,
                       nnx.Rngs(0))
   model.train()
@@ -79,7 +86,7 @@ def make_model(args, dtype):
 def _leaf_value(name, shape, dtype, rng):
   if name == 'kernel':  # He-like scale keeps activations O(1); values do not matter here
     return (rng.standard_normal(shape, np.float32) / math.sqrt(np.prod(shape[:-1]))).astype(dtype)
-  if name == 'embedding':
+  if name in ('embedding', 'cls_token', 'pos_embed'):
     return (0.02 * rng.standard_normal(shape, np.float32)).astype(dtype)
   if name in ('scale', 'var'):
     return np.ones(shape, dtype)
@@ -88,7 +95,8 @@ def _leaf_value(name, shape, dtype, rng):
   if name == 'logit_scale':
     return np.full(shape, math.log(1 / 0.07), dtype)
   raise ValueError(f'no benchmark initialiser for parameter kind {name!r}; expected one of '
-                   'kernel, embedding, scale, var, bias, mean, num_batches_tracked, logit_scale')
+                   'kernel, embedding, cls_token, pos_embed, scale, var, bias, mean, num_batches_tracked, '
+                   'logit_scale')
 
 
 def init_train_state(make, tx, mesh, seed=0):
@@ -168,7 +176,9 @@ def torch_bert_config(args) -> dict:
 
 def torch_model_args(args) -> tuple:
   """``TorchFLAIRModel`` arguments of the requested towers."""
-  return (torch_bert_config(args), args.resnet_stages, args.resnet_width, args.proj_dim)
+  vit = (dict(img_size=args.image_size, patch_size=args.vit_patch, embed_dim=args.vit_width,
+              depth=args.vit_depth, num_heads=args.vit_heads) if args.vision == 'vit' else None)
+  return (torch_bert_config(args), args.resnet_stages, args.resnet_width, args.proj_dim, vit)
 
 
 class TorchRunner:
@@ -382,6 +392,12 @@ def parse_args(argv=None):
   p.add_argument('--label', default='', help='name of this run in the table')
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--batch', type=int, default=8, help='global batch')
+  p.add_argument('--vision', choices=('resnet', 'vit'), default='resnet',
+                 help='image tower: ResNet (torchvision) or ViT (timm)')
+  p.add_argument('--vit-patch', type=int, default=16)
+  p.add_argument('--vit-width', type=int, default=768)
+  p.add_argument('--vit-depth', type=int, default=12)
+  p.add_argument('--vit-heads', type=int, default=12)
   p.add_argument('--resnet-stages', type=int, nargs='+', default=[3, 4, 6, 3])
   p.add_argument('--resnet-width', type=int, default=64)
   p.add_argument('--bert-hidden', type=int, default=768)
@@ -523,7 +539,11 @@ def main(argv=None):
       steps=args.steps, warmup=args.warmup, block_steps=args.block_steps, remat=args.remat,
       augment=args.augment, text_length=args.text_length,
       longest_caption=int(max(np.max(b['lengths']) for b in host)),
-      towers=dict(resnet_stages=args.resnet_stages, resnet_width=args.resnet_width,
+      towers=dict(vision=args.vision, **(
+                      dict(vit_patch=args.vit_patch, vit_width=args.vit_width,
+                           vit_depth=args.vit_depth, vit_heads=args.vit_heads)
+                      if args.vision == 'vit' else
+                      dict(resnet_stages=args.resnet_stages, resnet_width=args.resnet_width)),
                   bert_hidden=args.bert_hidden, bert_layers=args.bert_layers,
                   bert_heads=args.bert_heads, bert_intermediate=args.bert_intermediate,
                   bert_vocab=args.bert_vocab, proj_dim=args.proj_dim),

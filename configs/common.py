@@ -44,9 +44,23 @@ def base_config() -> ml_collections.ConfigDict:
   # captions (needs model.bert for its shape).
   c.model.bert_type = 'emilyalsentzer/Bio_ClinicalBERT'
   c.model.bert = ml_collections.ConfigDict()  # shape overrides when bert_type is ''
+  c.model.vision = 'resnet'  # image tower: 'resnet' or 'vit'
   c.model.resnet_stages = (3, 4, 6, 3)
   c.model.resnet_width = 64
-  c.model.resnet_weights = ''  # torchvision ResNet-50 state dict file (IMAGENET1K_V2)
+  # The ViT's shape (ViT-B/16); the canvas is resized to vit.image_size on
+  # the device. remat: rematerialise each block in the backward pass.
+  c.model.vit = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=16, embed_dim=768, depth=12, heads=12, mlp_ratio=4.0,
+      pool='token', remat=False))
+  # The image tower's own PyTorch weights: torchvision ResNet-50 (IMAGENET1K_V2)
+  # or a timm ViT state dict (.pth or .safetensors). resnet_weights is the
+  # older name of the same setting.
+  c.model.vision_weights = ''
+  c.model.resnet_weights = ''
+  # Normalisation of the [0, 1] input inside the tower: '' the tower's usual
+  # weights' (ResNet: none, as FLAIR; ViT: 'inception', timm's augreg 0.5/0.5),
+  # or 'none', 'inception', 'imagenet'.
+  c.model.vision_norm = ''
   c.model.proj_dim = 512
   c.model.text_pooling = 'flair'
   c.model.image_size = 512

@@ -4,7 +4,8 @@
 the workdir, trains a ResNet and a BERT from scratch (WordPiece vocabulary
 from the captions and the expert dictionaries), evaluates zero-shot on the
 held-out split with expert-knowledge prompts and exports a PyTorch FLAIR
-folder. Variant ``:tiny`` is the few-step version the tests run.
+folder. Variant ``:tiny`` is the few-step version the tests run; ``:vit``
+trains a tiny ViT image tower instead of the ResNet (quick enough for CI).
 """
 
 from configs import common
@@ -63,6 +64,23 @@ def get_config(arg: str = ''):
     c.eval.every_steps = 0
     c.export_torch = False
     c.plots = False
+  elif arg == 'vit':
+    # A ViT from scratch needs more updates than the ResNet: small batches,
+    # no augmentation, 4-pixel patches of a 48 canvas (144 tokens).
+    c.data.build.n_train = 1200
+    c.data.build.n_test = 300
+    c.data.build.canvas = 48
+    c.model.image_size = 48
+    c.model.vision = 'vit'
+    c.model.vit.update(image_size=48, patch_size=4, embed_dim=128, depth=2, heads=4,
+                       mlp_ratio=2.0, pool='avg')
+    c.train.batch_size = 16
+    c.train.epochs = 8
+    c.train.lr = 2e-3
+    c.train.augment = False
+    c.checkpoint.every_steps = 0
+    c.eval.every_steps = 0
+    c.plots = False
   elif arg:
-    raise ValueError(f'unknown variant {arg!r} of demo; expected "" or "tiny"')
+    raise ValueError(f'unknown variant {arg!r} of demo; expected "", "tiny" or "vit"')
   return c

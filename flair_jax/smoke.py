@@ -1,7 +1,7 @@
 """A quick check that the towers run: encode the fundus photograph shipped
 with the package and a caption, print embedding shapes and timings.
 
-    python -m flair_jax.smoke [--image-size 512]
+    python -m flair_jax.smoke [--image-size 512] [--vision resnet|vit]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 from data_pipelines import console
 from data_pipelines import images as images_lib
 from flair_jax import encoder as encoder_lib
-from flair_jax.models import ModelConfig, build_model
+from flair_jax.models import ModelConfig, VisionConfig, build_model
 
 
 def _timed(fn, *args):
@@ -34,6 +34,8 @@ def main(argv=None):
   parser = console.ArgumentParser(prog='python -m flair_jax.smoke',
                                   description=__doc__.splitlines()[0])
   parser.add_argument('--image-size', type=int, default=512)
+  parser.add_argument('--vision', choices=('resnet', 'vit'), default='resnet',
+                      help='image tower: ResNet-50, or ViT-B/16 (the canvas resized to 224)')
   console.add_verbose_flag(parser)
   args = parser.parse_args(argv)
 
@@ -44,8 +46,8 @@ def main(argv=None):
   print(f'devices: {jax.devices()}')
   print(f'image {image.shape} -> canvas {tuple(pixels.shape)}')
 
-  # ResNet-50 and a BERT-base-shaped text tower, random weights.
-  model = build_model(ModelConfig(), rngs=nnx.Rngs(0))
+  # ResNet-50 or ViT-B/16 and a BERT-base-shaped text tower, random weights.
+  model = build_model(ModelConfig(vision=VisionConfig(type=args.vision)), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   encoder = encoder_lib.Encoder(graphdef)
   state = encoder.place(state)

@@ -547,5 +547,5 @@ def test_an_unknown_hub_vision_type_is_refused_in_one_line(export_dir, bert_dir,
                '--bert-type', str(bert_dir)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1] == ("error: vision_type 'vit_b_16' is not supported; expected one of "
-                     "['resnet_v1', 'resnet_v2']")
+                     "['resnet_v1', 'resnet_v2', 'vit']")
   assert not os.path.exists(tmp / 'never_vit')

@@ -7,6 +7,15 @@ PyTorch FLAIR exports come in two forms, both with the 520 keys of
   constructor arguments, as ``PyTorchModelHubMixin`` saves and
   ``FLAIRModel.from_pretrained(folder)`` loads;
 * ``pth``: ``flair.pth``, a plain state dict for ``load_state_dict``.
+
+An export of a ViT image tower (which PyTorch FLAIR does not build) also
+holds each part in its library's own form: ``image_encoder.safetensors``
+(what ``timm.create_model(name, num_classes=0, img_size=S)`` loads
+strictly), the text tower as a Hugging Face BERT folder ``text_encoder/``,
+and ``heads.safetensors`` (the projections and the log-temperature);
+``config.json`` names them (``image_encoder``, ``text_encoder``, ``heads``)
+with the timm model, its arguments and the input normalisation.
+``flair_jax.torch_model.load_flair_torch`` reads either form.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from data_pipelines.jsonio import write_json
 from flair_jax import checkpoint, trees
 from flair_jax.convert import table, torch_io
 from flair_jax.convert.pretrained import read_bert_config
-from flair_jax.models import DEFAULT_BERT_TYPE, BertConfig, ModelConfig, VisionConfig, factory
+from flair_jax.models import DEFAULT_BERT_TYPE, BertConfig, ModelConfig, VisionConfig, factory, vit
 from flair_jax.models.flair import TEXT_TORCH_PREFIX, TORCH_EXTRAS, VISION_TORCH_PREFIX
 from flair_jax.models.state import abstract_model_state
 
@@ -31,6 +40,11 @@ FORMATS = ('hf', 'pth', 'both')
 PTH_FILE = 'flair.pth'
 HUB_CONFIG = 'config.json'
 TEXT_ENCODER = 'text_encoder'
+IMAGE_ENCODER_FILE = 'image_encoder.safetensors'
+HEADS_FILE = 'heads.safetensors'
+HEAD_KEYS = {'vision_projection.weight': 'vision_model.projection_head_vision.projection.weight',
+             'text_projection.weight': 'text_model.projection_head_text.projection.weight',
+             'logit_scale': 'logit_scale'}
 # PyTorch FLAIR's vision_type when config.json names none.
 DEFAULT_HUB_VISION_TYPE = 'resnet_v1'
 _log = logging.getLogger(__name__)
@@ -43,14 +57,40 @@ _BERT_SHAPE = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_
 
 
 def hub_config(config: ModelConfig, bert_type: str) -> dict:
-  """``FLAIRModel`` constructor arguments, as ``config.json`` of the hub form."""
+  """``FLAIRModel`` constructor arguments, as ``config.json`` of the hub form
+  (a ViT's also names its parts, see the module docstring)."""
   vision_type = factory.vision_tower(config.vision).hub_types[0]
-  return dict(vision_type=vision_type, bert_type=bert_type, vision_pretrained=False,
-              proj_dim=config.proj_dim, proj_bias=False,
-              logit_scale_init_value=config.logit_scale_init_value,
-              from_checkpoint=False, weights_path=None, out_path=None,
-              image_size=config.image_size, caption=config.caption,
-              projection=config.projection, norm_features=config.norm)
+  d = dict(vision_type=vision_type, bert_type=bert_type, vision_pretrained=False,
+           proj_dim=config.proj_dim, proj_bias=False,
+           logit_scale_init_value=config.logit_scale_init_value,
+           from_checkpoint=False, weights_path=None, out_path=None,
+           image_size=config.image_size, caption=config.caption,
+           projection=config.projection, norm_features=config.norm)
+  if _has_parts(config):
+    v = config.vision
+    d.update(
+        vision_config=v.to_dict(), text_pooling=config.text_pooling,
+        image_encoder=dict(file=IMAGE_ENCODER_FILE, library='timm', timm_name=vit.timm_name(v),
+                           timm_kwargs=vit.timm_kwargs(v), input_size=v.image_size,
+                           mean=list(v.pixel_mean), std=list(v.pixel_std),
+                           resize='bilinear, antialias'),
+        text_encoder=TEXT_ENCODER, heads=HEADS_FILE)
+  elif config.vision.pixel_mean:  # a normalising ResNet: PyTorch FLAIR's would not know
+    d['vision_config'] = config.vision.to_dict()
+  return d
+
+
+def _has_parts(config: ModelConfig) -> bool:
+  return config.vision.type == 'vit'
+
+
+def _write_parts(folder: str, sd: Mapping) -> None:
+  """The timm image tower and the heads of a FLAIR state dict ``sd``."""
+  torch_io.write_safetensors(os.path.join(folder, IMAGE_ENCODER_FILE),
+                             {k[len(VISION_TORCH_PREFIX):]: v for k, v in sd.items()
+                              if k.startswith(VISION_TORCH_PREFIX)})
+  torch_io.write_safetensors(os.path.join(folder, HEADS_FILE),
+                             {k: sd[v] for k, v in HEAD_KEYS.items()})
 
 
 def to_torch_state(state: Mapping, config: ModelConfig) -> dict:
@@ -72,9 +112,13 @@ def from_torch_state(sd: Mapping, config: ModelConfig, what: str = 'FLAIR state 
   return trees.unflatten(flat, like)
 
 
-def vision_config_from_torch(sd: Mapping, hub_vision_type: str) -> VisionConfig:
+def vision_config_from_torch(sd: Mapping, hub_vision_type: str,
+                             saved: Optional[Mapping] = None) -> VisionConfig:
   """The image tower of a PyTorch FLAIR state dict: its type from the hub
-  config's ``vision_type``, its shape from the weights."""
+  config's ``vision_type``, its shape from the weights (or the
+  ``vision_config`` an export of ours wrote)."""
+  if saved:
+    return VisionConfig.from_dict(saved)
   vision_type = factory.vision_type_of_hub(hub_vision_type)
   tower = factory.VISION_TOWERS[vision_type]
   shapes = {k[len(VISION_TORCH_PREFIX):]: tuple(np.shape(v)) for k, v in sd.items()
@@ -92,7 +136,8 @@ def config_from_torch(sd: Mapping, bert: BertConfig, bert_type: str,
   hub = dict(hub or {})
   if hub.get('proj_bias'):
     raise ValueError('proj_bias true is not supported: FLAIR projections have no bias')
-  vision = vision_config_from_torch(sd, hub.get('vision_type', DEFAULT_HUB_VISION_TYPE))
+  vision = vision_config_from_torch(sd, hub.get('vision_type', DEFAULT_HUB_VISION_TYPE),
+                                    hub.get('vision_config'))
   proj = sd.get('vision_model.projection_head_vision.projection.weight')
   if vision != VisionConfig():
     _log.warning("the image tower is %s, not PyTorch FLAIR's ResNet-50",
@@ -102,7 +147,7 @@ def config_from_torch(sd: Mapping, bert: BertConfig, bert_type: str,
       proj_dim=int(hub.get('proj_dim') or (np.shape(proj)[0] if proj is not None else 512)),
       projection=bool(hub.get('projection', True)), norm=bool(hub.get('norm_features', True)),
       logit_scale_init_value=float(hub.get('logit_scale_init_value', 0.07)),
-      image_size=int(hub.get('image_size', 512)),
+      text_pooling=hub.get('text_pooling', 'flair'), image_size=int(hub.get('image_size', 512)),
       caption=hub.get('caption', ModelConfig.caption))
 
 
@@ -227,6 +272,10 @@ def export_state(state: Mapping, config: ModelConfig, out: str, fmt: str = 'hf',
   sd = to_torch_state(state, config)
   bert_type = bert_type or config.bert_type
   _warn_if_not_flair_shape(config)
+  if _has_parts(config) and not bundle_text_encoder:
+    _log.info('the text tower is written as a Hugging Face folder %s/ beside the timm image '
+              'tower', TEXT_ENCODER)
+    bundle_text_encoder = True
   out = os.path.abspath(os.path.expanduser(out))
   if bundle_text_encoder:
     text_src = torch_io.resolve_hf_folder(bert_type)
@@ -241,9 +290,12 @@ def export_state(state: Mapping, config: ModelConfig, out: str, fmt: str = 'hf',
   with checkpoint.atomic_directory(out) as tmp:
     if fmt in ('hf', 'both'):
       torch_io.write_safetensors(os.path.join(tmp, torch_io.SAFETENSORS), sd)
+    if fmt in ('hf', 'both') or _has_parts(config):
       write_json(os.path.join(tmp, HUB_CONFIG), hub_config(config, bert_type))
     if with_pth:
       torch_io.write_pth(os.path.join(tmp, PTH_FILE), sd)
+    if _has_parts(config):
+      _write_parts(tmp, sd)
     if bundle_text_encoder:
       text_dir = os.path.join(tmp, TEXT_ENCODER)
       os.mkdir(text_dir)
@@ -263,6 +315,12 @@ def loads_into_pytorch_flair(config: ModelConfig) -> bool:
 
 def describe_export(config: ModelConfig) -> str:
   """One sentence for users: what the export is and what loads it."""
+  if _has_parts(config):
+    name = vit.timm_name(config.vision) or 'timm VisionTransformer(**timm_kwargs)'
+    return (f'the image tower as {IMAGE_ENCODER_FILE} ({name}, num_classes=0, img_size='
+            f'{config.vision.image_size}; strict), the text tower as the BERT folder '
+            f'{TEXT_ENCODER}/, projections and temperature in {HEADS_FILE}, all named in '
+            f'{HUB_CONFIG}; flair_jax.torch_model.load_flair_torch(folder) loads it')
   layout = ("PyTorch FLAIR's key layout (the 520-key FLAIRModel state dict, "
             'hub form: config.json + model.safetensors')
   if loads_into_pytorch_flair(config):

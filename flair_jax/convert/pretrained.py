@@ -1,5 +1,5 @@
 """Initial tower weights for pre-training: an image tower's own PyTorch
-checkpoint (torchvision ResNet), a Hugging Face BERT.
+checkpoint (torchvision ResNet, timm ViT), a Hugging Face BERT.
 
 Both return a nested state dict (NumPy arrays, keyed like
 ``nnx.to_pure_dict``) for one tower; write it into a model with
@@ -36,13 +36,15 @@ def load_vision_weights(path: str, config: VisionConfig) -> dict:
 
   Args:
     path: ``.pth`` or ``.safetensors``; for a ResNet, torchvision's (e.g.
-      ``resnet50-11ad3fa6.pth``), whose ``fc`` classifier is dropped.
+      ``resnet50-11ad3fa6.pth``), whose ``fc`` classifier is dropped; for a
+      ViT, timm's (``head`` dropped; a position embedding of another patch
+      grid is resampled as timm does on load).
     config: the tower's shape (ResNet-50 for ``VisionConfig()``).
   Returns:
     Nested state of the tower ``models.factory.build_vision(config)`` builds.
   """
   tower = vision_tower(config)
-  sd = torch_io.read_state_dict(path)
+  sd = tower.prepare_torch(torch_io.read_state_dict(path), config)
   return _convert(tower.torch_rows, lambda: build_vision(config, rngs=nnx.Rngs(0)), sd,
                   tower.torch_extras, f'{tower.name} weights {path}')
 

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data_pipelines.console import UserError
-from flair_jax.models import flair, resnet
+from flair_jax.models import flair, resnet, vit
 from flair_jax.models.config import ModelConfig, VisionConfig
 from flair_jax.models.tower import VisionTower
 
 VISION_TOWERS = {
     'resnet': resnet.TOWER,
+    'vit': vit.TOWER,
 }
 
 
@@ -38,7 +39,11 @@ def vision_tower(config: VisionConfig) -> VisionTower:
 
 def describe_vision(config: VisionConfig) -> str:
   """The image tower in a few words, for messages."""
-  return f'{vision_tower(config).name} stages {list(config.stages)}, width {config.width}'
+  name = vision_tower(config).name
+  if config.type == 'vit':
+    return (f'{name}-{config.patch_size} at {config.image_size}, width {config.embed_dim}, '
+            f'depth {config.depth}, {config.heads} heads, {config.pool} pooling')
+  return f'{name} stages {list(config.stages)}, width {config.width}'
 
 
 def vision_type_of_hub(hub_type: str) -> str:

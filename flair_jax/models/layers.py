@@ -8,6 +8,7 @@ kernels (in, out)); computation runs in a configurable ``dtype``.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +193,12 @@ class LayerNorm(nnx.Module):
     var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
     return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def normalize_pixels(images_bhwc, mean: Sequence[float], std: Sequence[float]):
+  """``(x - mean) / std`` per channel; identity when ``mean`` is empty."""
+  if not mean:
+    return images_bhwc
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  return (images_bhwc.astype(jnp.float32) - mean) / std

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flair_jax.models.layers import BatchNorm, Conv2d
+from flair_jax.models.layers import BatchNorm, Conv2d, normalize_pixels
 from flair_jax.models.torch_keys import Row
 from flair_jax.models.tower import VisionTower
 
@@ -71,11 +71,14 @@ class ResNet(nnx.Module):
     stages: number of bottlenecks per stage.
     width: channels of the stem and of the first stage's bottleneck (64 for
       ResNet-50); stage i has ``width * 2**i`` and outputs 4x that.
+    pixel_mean, pixel_std: normalisation of the [0, 1] input (empty, FLAIR's
+      choice: none).
     dtype: compute dtype; parameters stay float32.
   """
 
   def __init__(self, stages: Sequence[int] = RESNET50_STAGES, width: int = 64,
-               *, dtype=jnp.float32, rngs: nnx.Rngs):
+               *, pixel_mean: Sequence[float] = (), pixel_std: Sequence[float] = (),
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.conv1 = Conv2d(3, width, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(width, dtype=dtype)
     cin = width
@@ -89,11 +92,14 @@ class ResNet(nnx.Module):
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
     self.num_stages = len(stages)
     self.out_features = cin
+    self.pixel_mean = tuple(pixel_mean)
+    self.pixel_std = tuple(pixel_std)
     self.dtype = dtype
 
   def __call__(self, images_bhwc):
     """Maps ``[B, H, W, 3]`` float images to ``[B, out_features]`` float32."""
-    x = jax.nn.relu(self.bn1(self.conv1(images_bhwc)))
+    x = normalize_pixels(images_bhwc, self.pixel_mean, self.pixel_std)
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = max_pool_3x3_s2(x)
     for i in range(self.num_stages):
       for block in getattr(self, f'layer{i + 1}'):
@@ -116,7 +122,8 @@ TORCH_EXTRAS = ('fc.weight', 'fc.bias')
 
 def build(config, *, dtype, rngs: nnx.Rngs) -> ResNet:
   """The ResNet of a ``VisionConfig`` (its ``stages`` and ``width``)."""
-  return ResNet(config.stages, config.width, dtype=dtype, rngs=rngs)
+  return ResNet(config.stages, config.width, pixel_mean=config.pixel_mean,
+                pixel_std=config.pixel_std, dtype=dtype, rngs=rngs)
 
 
 def shape_from_torch(shapes: Mapping[str, tuple]) -> dict:

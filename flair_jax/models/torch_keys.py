@@ -21,7 +21,7 @@ COUNT = 'count'      # BatchNorm num_batches_tracked: torch int64 <-> NNX int32
 # Leaves of each module kind: (PyTorch leaf, NNX leaf, layout).
 KINDS = {
     'param': (('', '', COPY),),
-    'conv': (('weight', 'kernel', CONV),),
+    'conv': (('weight', 'kernel', CONV), ('bias', 'bias', COPY)),  # bias if present
     'batchnorm': (('weight', 'scale', COPY), ('bias', 'bias', COPY),
                   ('running_mean', 'mean', COPY), ('running_var', 'var', COPY),
                   ('num_batches_tracked', 'num_batches_tracked', COUNT)),

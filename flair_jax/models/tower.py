@@ -26,6 +26,10 @@ class VisionTower:
     shape_from_torch: ``shape_from_torch(shapes)`` -> the ``VisionConfig``
       fields (besides ``type``) of a tower state dict given as
       ``{torch_key: shape}``, keys without any prefix.
+    prepare_torch: ``prepare_torch(state_dict, vision_config)`` -> the
+      tower's own pre-trained state dict fitted to the config before it is
+      converted (e.g. a ViT's position embedding resampled to its patch
+      grid); default: unchanged.
   """
   name: str
   build: Callable
@@ -33,3 +37,4 @@ class VisionTower:
   torch_extras: tuple
   hub_types: tuple
   shape_from_torch: Callable[[Mapping[str, tuple]], dict]
+  prepare_torch: Callable = lambda sd, config: sd

@@ -26,6 +26,7 @@ from flair_jax import parallel
 from flair_jax.training import optim
 from flair_jax.convert import pretrained
 from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
+from flair_jax.models.config import PIXEL_NORMS
 from flair_jax.models.state import assign_state
 
 logger = logging.getLogger(__name__)
@@ -201,10 +202,34 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer, tokenizer_folder: st
   config = ModelConfig(
       bert=bert, bert_type=os.path.abspath(tokenizer_folder) if not cfg.model.bert_type
       else tokenizer_folder,
-      vision=VisionConfig(stages=tuple(cfg.model.resnet_stages), width=cfg.model.resnet_width),
-      proj_dim=cfg.model.proj_dim, text_pooling=cfg.model.text_pooling,
-      image_size=cfg.model.image_size)
+      vision=vision_config(cfg.model), proj_dim=cfg.model.proj_dim,
+      text_pooling=cfg.model.text_pooling, image_size=cfg.model.image_size)
   return config, bert_state
+
+
+def vision_config(model_cfg: ml_collections.ConfigDict) -> VisionConfig:
+  """The image tower of ``model.vision`` with its shape and normalisation."""
+  norm = model_cfg.get('vision_norm', '')
+  if norm and norm not in PIXEL_NORMS:
+    raise ConfigError(f'model.vision_norm {norm!r} unknown; expected "" (the tower\'s '
+                      f'default) or one of {sorted(PIXEL_NORMS)}')
+  mean, std = PIXEL_NORMS[norm] if norm else (None, None)
+  kind = model_cfg.get('vision', 'resnet')
+  if kind == 'resnet':
+    return VisionConfig(stages=tuple(model_cfg.resnet_stages), width=model_cfg.resnet_width,
+                        pixel_mean=mean, pixel_std=std)
+  if kind == 'vit':
+    return VisionConfig(type='vit', pixel_mean=mean, pixel_std=std, **dict(model_cfg.vit))
+  raise ConfigError(f'model.vision {kind!r} unknown; expected "resnet" or "vit"')
+
+
+def vision_weights(model_cfg: ml_collections.ConfigDict) -> str:
+  """The image tower's weights file (``vision_weights``, or its older name)."""
+  new, old = model_cfg.get('vision_weights', ''), model_cfg.get('resnet_weights', '')
+  if new and old and new != old:
+    raise ConfigError('model.vision_weights and model.resnet_weights name different files; '
+                      'set only model.vision_weights')
+  return new or old
 
 
 def init_model(model_config, bert_state, cfg: ml_collections.ConfigDict, dtype, sharding):
@@ -216,13 +241,14 @@ def init_model(model_config, bert_state, cfg: ml_collections.ConfigDict, dtype, 
   init = jax.jit(lambda: nnx.state(build_model(model_config, dtype, nnx.Rngs(seed))),
                  out_shardings=sharding)
   model = nnx.merge(graphdef, init())
-  if not cfg.model.resnet_weights and model_config.vision.stages == (3, 4, 6, 3):
+  weights = vision_weights(cfg.model)
+  if (not weights and model_config.vision.type == 'resnet'
+      and model_config.vision.stages == (3, 4, 6, 3)):
     logger.warning('the ResNet-50 image tower starts from random weights; FLAIR starts from '
-                   'ImageNet: pass --config.model.resnet_weights=<torchvision IMAGENET1K_V2 .pth>')
-  if cfg.model.resnet_weights:
-    assign_state(model.vision_model,
-                 pretrained.load_vision_weights(cfg.model.resnet_weights, model_config.vision))
-    logger.info('image tower from %s', cfg.model.resnet_weights)
+                   'ImageNet: pass --config.model.vision_weights=<torchvision IMAGENET1K_V2 .pth>')
+  if weights:
+    assign_state(model.vision_model, pretrained.load_vision_weights(weights, model_config.vision))
+    logger.info('image tower from %s', weights)
   if bert_state is not None:
     assign_state(model.text_model, bert_state)
     logger.info('text tower from %s', cfg.model.bert_type)
