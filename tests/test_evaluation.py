@@ -440,3 +440,13 @@ def test_all_few_shot_on_a_csv_in_the_realistic_scenario(downstream, fundus_dir,
     # pools 4 / 3 / 2 after the test -> round(3 p) = 1 / 1 / 1
     assert fold['n_train'] == 3 and fold['n_test'] == 3
     assert 0 <= fold['aca'] <= 1
+  # Fine-tuning reads the same CSV's images (one epoch: that it runs here;
+  # its numbers are checked against FLAIR's train_epoch in test_finetune.py).
+  ft = evaluate.main(['--checkpoint', downstream['ckpt'], '--data', str(csv_path), '--data-root',
+                      str(fundus_dir), '--targets', 'normal,microaneurysms,glaucoma', '--method',
+                      'ft', '--folds', '1', '--shots-test', '1', '--shots-train', '2',
+                      '--epochs', '1', '--train-batch-size', '3', '--out', str(tmp_path / 'ft')])
+  fold = ft['folds'][0]
+  assert fold['n_train'] == 6 and fold['n_test'] == 3 and fold['epochs'] == 1
+  assert ft['predictions'][0]['probs'].shape == (3, 3)
+  np.testing.assert_allclose(ft['predictions'][0]['probs'].sum(1), 1, rtol=1e-5)

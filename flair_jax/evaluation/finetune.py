@@ -178,8 +178,12 @@ def create_state(tower: Tower, classifier: dict, tx: optax.GradientTransformatio
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params))
 
-  params = {'vision': tower.params, 'classifier': classifier}
-  return jax.jit(init, out_shardings=parallel.replicated(tower.mesh))(params, tower.batch_stats)
+  replicated = parallel.replicated(tower.mesh)
+  # The classifier comes from the default device, the tower from the model's
+  # mesh: one placement (the devices are this process's own).
+  params, batch_stats = jax.device_put(
+      ({'vision': tower.params, 'classifier': classifier}, tower.batch_stats), replicated)
+  return jax.jit(init, out_shardings=replicated)(params, batch_stats)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mesh, *, augment: bool):
