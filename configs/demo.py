@@ -75,7 +75,7 @@ def get_config(arg: str = ''):
     c.model.vit.update(image_size=48, patch_size=4, embed_dim=128, depth=2, heads=4,
                        mlp_ratio=2.0, pool='avg')
     c.train.batch_size = 16
-    c.train.epochs = 8
+    c.train.epochs = 12  # 900 steps: ACA 0.91 (8 epochs: 0.82, too near 0.8)
     c.train.lr = 2e-3
     c.train.augment = False
     c.checkpoint.every_steps = 0
