@@ -189,8 +189,10 @@ class _AbandonedReadEchoes(logging.Filter):
                                'Future exception was never retrieved')):
       return True
     error = record.exc_info[1] if record.exc_info else None
-    text = f'{message} {error}'
-    return 'TensorStore' not in text and 'reading array index' not in text
+    # A failed open names its TensorStore spec ("tensorstore_spec[0]=..."),
+    # a failed read its array index.
+    text = f'{message} {error}'.lower()
+    return 'tensorstore' not in text and 'reading array index' not in text
 
 
 _ABANDONED_READ_ECHOES = _AbandonedReadEchoes()
