@@ -289,6 +289,25 @@ def test_echoes_of_abandoned_tensorstore_reads_are_dropped_and_nothing_else(capl
   finally:
     log.removeFilter(checkpoints._ABANDONED_READ_ECHOES)  # pylint: disable=protected-access
 
+  # A read coroutine closed unfinished reaches sys.unraisablehook instead.
+  import types  # pylint: disable=g-import-not-at-top
+  passed = []
+  hook = checkpoints._UnraisableAbandonedReads(passed.append)  # pylint: disable=protected-access
+
+  async def read():
+    pass
+
+  coroutine = read()
+  hook(types.SimpleNamespace(object=coroutine, exc_value=Exception(
+      'Encountered error while reading array index: (slice(0, 1, 1),).')))
+  assert passed == []
+  other = types.SimpleNamespace(object=coroutine, exc_value=Exception('something else'))
+  hook(other)
+  not_a_read = types.SimpleNamespace(object=object(), exc_value=Exception('reading array index'))
+  hook(not_a_read)
+  assert passed == [other, not_a_read]
+  coroutine.close()
+
 
 
 def test_vit_recipe_compiles_and_runs_two_steps(tmp_path):

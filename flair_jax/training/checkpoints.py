@@ -4,6 +4,7 @@ them)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -191,11 +192,35 @@ class _AbandonedReadEchoes(logging.Filter):
     error = record.exc_info[1] if record.exc_info else None
     # A failed open names its TensorStore spec ("tensorstore_spec[0]=..."),
     # a failed read its array index.
-    text = f'{message} {error}'.lower()
-    return 'tensorstore' not in text and 'reading array index' not in text
+    return not _is_abandoned_read(f'{message} {error}')
 
 
 _ABANDONED_READ_ECHOES = _AbandonedReadEchoes()
+
+
+def _is_abandoned_read(text: str) -> bool:
+  text = text.lower()
+  return 'tensorstore' in text or 'reading array index' in text
+
+
+class _UnraisableAbandonedReads:
+  """A ``sys.unraisablehook`` that drops the error of an orbax read
+  coroutine closed unfinished (a read a failed restore abandoned, collected
+  as late as exit) and passes everything else to the hook it replaced."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    if (asyncio.iscoroutine(unraisable.object)
+        and _is_abandoned_read(f'{unraisable.exc_value}')):
+      return
+    self.previous(unraisable)
+
+
+def _drop_unraisable_abandoned_reads() -> None:
+  if not isinstance(sys.unraisablehook, _UnraisableAbandonedReads):
+    sys.unraisablehook = _UnraisableAbandonedReads(sys.unraisablehook)
 
 
 @contextlib.contextmanager
@@ -211,6 +236,7 @@ def quiet_abandoned_reads():
   # Abandoned tasks may be collected at any later time, even at exit: the
   # filter stays.
   logging.getLogger('asyncio').addFilter(_ABANDONED_READ_ECHOES)
+  _drop_unraisable_abandoned_reads()
   sys.stderr.flush()
   stderr_fd = os.dup(2)
   with tempfile.TemporaryFile() as captured:
