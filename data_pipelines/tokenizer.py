@@ -1,8 +1,12 @@
-"""BERT WordPiece tokenization to FLAIR's static length of 77.
+"""BERT WordPiece tokenization to FLAIR's static length of 77, and text buckets.
 
 PyTorch FLAIR pads each batch to its longest caption (``padding=True``);
-here every batch is padded to 77 so that the jitted step compiles once, and
-the true lengths travel with the ids (attention mask = position < length).
+here every batch is padded to 77 on the host and the true lengths travel
+with the ids (attention mask = position < length). Before a batch goes to
+the device its ids are cut to the smallest of a few fixed widths holding its
+longest text (``bucket_length``): a jitted function compiles once per
+width, not once per batch, and FLAIR's pooling (a mean over the positions
+before the batch's longest length) gives the same numbers at every width.
 
 transformers 5 folded the slow and fast BERT tokenizers into one class whose
 vocabulary argument is ``vocab``: ``BertTokenizer(vocab_file=...)`` (and the
@@ -19,6 +23,8 @@ import numpy as np
 import tokenizers
 
 MAX_LENGTH = 77
+# Widths a batch of texts is cut to (the ids' own width, 77, is the last).
+TEXT_BUCKETS = (16, 24, 32, 48, 64)
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 
@@ -79,6 +85,26 @@ class StaticTokenizer:
     ids_bl = np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), self.max_length)
     mask_bl = np.asarray([e.attention_mask for e in encodings], np.int32)
     return ids_bl, mask_bl.reshape(len(texts), self.max_length).sum(1).astype(np.int32)
+
+
+def bucket_length(longest: int, width: int, buckets: Sequence[int] = TEXT_BUCKETS) -> int:
+  """The smallest of ``buckets`` holding ``longest`` tokens, else ``width``
+  (the ids' padded width); never more than ``width``."""
+  for b in sorted(buckets):
+    if longest <= b < width:
+      return int(b)
+  return int(width)
+
+
+def cut_to_bucket(ids_bl: np.ndarray, lengths_b: np.ndarray,
+                  buckets: Sequence[int] = TEXT_BUCKETS, longest: int | None = None
+                  ) -> np.ndarray:
+  """``ids_bl[:, :bucket]``: the ids cut to the bucket of the longest text
+  (``longest``, default that of ``lengths_b``; pass a larger one agreed
+  with other processes)."""
+  if longest is None:
+    longest = int(np.max(lengths_b)) if len(lengths_b) else 0
+  return ids_bl[:, :bucket_length(longest, ids_bl.shape[1], buckets)]
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH

@@ -103,13 +103,17 @@ class Encoder:
     """Embeddings ``[T, D]`` of token ids ``[T, L]`` encoded as ONE batch.
 
     FLAIR pads a batch to its longest text and its pooling averages over
-    those positions; ids padded to a static length with the ``'flair'``
-    pooling give the same numbers. Rows are padded to a multiple of 8 with
-    copies of the first text (same longest length) to limit recompilation.
+    those positions; ids padded to any longer length with the ``'flair'``
+    pooling give the same numbers. The ids are cut to their text bucket
+    (``data_pipelines.tokenizer.bucket_length``) and rows are padded to a
+    multiple of 8 with copies of the first text (same longest length): few
+    shapes, few compilations.
     """
     count = len(ids_tl)
     if not count:
       raise ValueError('no texts to encode')
+    lengths_t = np.asarray(lengths_t)
+    ids_tl = tokenizer_lib.cut_to_bucket(np.asarray(ids_tl), lengths_t)
     rows = -(-count // TEXT_ROWS_MULTIPLE) * TEXT_ROWS_MULTIPLE
     pad = np.zeros(rows - count, np.int64)
     ids_tl = np.concatenate([ids_tl, ids_tl[pad]])

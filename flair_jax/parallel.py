@@ -151,6 +151,37 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
+class ProcessMax:
+  """The largest of one integer per process, agreed at each call.
+
+  Called in the same order by every process (one call per training step).
+  It goes through the coordinator's key-value store, on the host: a step
+  still running on the devices does not delay it (a device collective
+  would queue behind that step). Without that store, an all-gather.
+  """
+
+  TIMEOUT_MS = 10 * 60 * 1000
+
+  def __init__(self, name: str):
+    self.name, self.calls = name, 0
+
+  def __call__(self, value: int) -> int:
+    if jax.process_count() == 1:
+      return int(value)
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = getattr(distributed.global_state, 'client', None)
+    if client is None:
+      return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+    call, self.calls = self.calls, self.calls + 1
+    key = lambda c, p: f'flair_jax/{self.name}/{c}/{p}'
+    client.key_value_set(key(call, jax.process_index()), str(int(value)))
+    values = [int(client.blocking_key_value_get(key(call, p), self.TIMEOUT_MS))
+              for p in range(jax.process_count())]
+    if call >= 2:  # every process has read it: each is past its call - 1
+      client.key_value_delete(key(call - 2, jax.process_index()))
+    return max(values)
+
+
 def sync_processes(what: str) -> None:
   """Waits until every process reaches this point (nothing on one process)."""
   if jax.process_count() > 1:

@@ -88,7 +88,10 @@ def _worker(process_id, port):
   batch = parallel.global_batch({'img': img[mine], 'txt': txt[mine], 'cat': cat[mine]}, mesh)
   loss = jax.jit(losses.sharded_label_aware_contrastive_loss(mesh))(
       batch['img'], batch['txt'], jnp.float32(1.0), batch['cat'])
+  longest = parallel.ProcessMax('test')  # a text length per process, per step
+  agreed = [longest(pair[process_id]) for pair in ((5, 30), (17, 3), (9, 9), (1, 2))]
   print(json.dumps({
+      'agreed': agreed,
       'devices': jax.device_count(), 'shape': list(batch['img'].shape),
       'local_rows': sorted(int(s.index[0].start) for s in batch['img'].addressable_shards),
       'loss': float(loss),
@@ -114,6 +117,7 @@ def test_two_processes_assemble_the_global_batch_and_agree_on_the_loss():
     assert p.returncode == 0, err[-3000:]
     results.append(json.loads(out.strip().splitlines()[-1]))
   assert [r['local_rows'] for r in results] == [[0, 2], [4, 6]]
+  assert [r['agreed'] for r in results] == [[30, 17, 9, 2]] * 2
   for r in results:
     assert r['devices'] == 4 and r['shape'] == [8, 5]
     np.testing.assert_allclose(r['loss'], r['reference'], rtol=1e-6)

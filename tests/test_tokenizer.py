@@ -80,3 +80,16 @@ def test_wordpiece_vocab_round_trips_through_from_pretrained(tmp_path):
   reloaded = tokenizer_lib.load_tokenizer(tmp_path)
   assert reloaded.model_max_length == 77
   assert reloaded('optic')['input_ids'] == built('optic')['input_ids']
+
+
+def test_bucket_is_the_smallest_width_holding_the_longest_text():
+  buckets = (16, 24, 32, 48, 64)
+  got = [tokenizer_lib.bucket_length(n, 77, buckets) for n in (0, 1, 16, 17, 24, 25, 64, 65, 77)]
+  assert got == [16, 16, 16, 24, 24, 32, 64, 77, 77]
+  assert tokenizer_lib.bucket_length(20, 77, ()) == 77  # no buckets: the full width
+  assert tokenizer_lib.bucket_length(10, 12, buckets) == 12  # never wider than the ids
+  ids = np.arange(4 * 77).reshape(4, 77)
+  lengths = np.array([3, 20, 5, 1])
+  np.testing.assert_array_equal(tokenizer_lib.cut_to_bucket(ids, lengths), ids[:, :24])
+  # A longer text elsewhere (another process's rows) widens the cut.
+  assert tokenizer_lib.cut_to_bucket(ids, lengths, longest=50).shape == (4, 64)

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.jsonio import write_json
 from flair_jax import checkpoint, parallel, trees
 from flair_jax.evaluation.during_training import ZeroShotDuringTraining
@@ -60,11 +61,17 @@ class _Run:
   first_step: int
   writer: metrics_log.MetricsWriter
   progress: Optional[tqdm] = None
+  longest_text: Callable[[int], int] = dataclasses.field(
+      default_factory=lambda: parallel.ProcessMax('longest_text'))
 
   def next_batch(self):
-    """The next global batch, from this process's slice."""
-    local = next(self.data.iterator)
-    return parallel.global_batch({k: local[k] for k in step_lib.BATCH_KEYS}, self.mesh)
+    """The next global batch, from this process's slice; its token ids cut
+    to the text bucket of the global batch's longest caption."""
+    local = {k: v for k, v in next(self.data.iterator).items() if k in step_lib.BATCH_KEYS}
+    longest = self.longest_text(int(local['lengths'].max()))
+    local['input_ids'] = tokenizer_lib.cut_to_bucket(
+        local['input_ids'], local['lengths'], tuple(self.cfg.train.text_buckets), longest)
+    return parallel.global_batch(local, self.mesh)
 
   def close(self) -> None:
     if self.progress is not None:
@@ -153,14 +160,24 @@ def _set_up(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
               writer=metrics_log.MetricsWriter(workdir, enabled=is_main))
 
 
-def _compile(run: _Run, batch, key):
-  """``(compiled step, its FLOPs or None)``."""
-  started = time.time()
-  compiled = run.train_step.lower(run.state, batch, key).compile()
-  flops = metrics_log.step_flops(compiled)
-  logger.info('step compiled in %.1f s; %s FLOPs per step', time.time() - started,
-              f'{flops:.3g}' if flops else 'unknown')
-  return compiled, flops
+class _CompiledSteps:
+  """The step compiled once per text width (bucket) it meets, with its FLOPs."""
+
+  def __init__(self, run: _Run):
+    self.run, self.steps = run, {}
+
+  def __call__(self, state, batch, key):
+    """``(state, metrics, FLOPs of the step or None)``."""
+    width = batch['input_ids'].shape[1]
+    if width not in self.steps:
+      started = time.time()
+      compiled = self.run.train_step.lower(state, batch, key).compile()
+      flops = metrics_log.step_flops(compiled)
+      logger.info('step compiled for texts of %d tokens in %.1f s; %s FLOPs per step', width,
+                  time.time() - started, f'{flops:.3g}' if flops else 'unknown')
+      self.steps[width] = compiled, flops
+    compiled, flops = self.steps[width]
+    return *compiled(state, batch, key), flops
 
 
 def _train_steps(run: _Run, key, evaluation: periodic.PeriodicEval) -> Optional[int]:
@@ -171,24 +188,24 @@ def _train_steps(run: _Run, key, evaluation: periodic.PeriodicEval) -> Optional[
   """
   cfg, data = run.cfg, run.data
   batch = run.next_batch() if run.first_step < data.total_steps else None
-  compiled, flops = _compile(run, batch, key) if batch is not None else (None, None)
+  compiled = _CompiledSteps(run)
   run.progress = tqdm(total=data.total_steps, initial=run.first_step,
                       disable=not parallel.is_main_process(), dynamic_ncols=True, desc='train')
   metrics = periodic.StepMetrics(run.workdir)
   log = periodic.IntervalLog(
       every=cfg.log_every_steps, batch_size=cfg.train.batch_size,
       steps_per_epoch=data.steps_per_epoch, total_steps=data.total_steps, writer=run.writer,
-      progress=run.progress, flops=flops)
+      progress=run.progress)
   saver = periodic.PeriodicSave(
       run.checkpoints, every=cfg.checkpoint.every_steps or data.steps_per_epoch,
       total_steps=data.total_steps, data_iter=data.iterator, config_json=run.config_json)
   with periodic.stop_requests() as requested:
     stop = periodic.StopAgreement(requested)
     for step in range(run.first_step, data.total_steps):
-      run.state, step_metrics = compiled(run.state, batch, key)
+      run.state, step_metrics, flops = compiled(run.state, batch, key)
       done = step + 1
       metrics.add(done, step_metrics)
-      log.count_step()
+      log.count_step(flops)
       at_log = log.due(done)
       if at_log:
         metrics.flush(saver.last_saved)

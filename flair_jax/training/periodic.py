@@ -79,15 +79,17 @@ class IntervalLog:
   progress bar. The interval's clock starts at construction."""
 
   def __init__(self, *, every: int, batch_size: int, steps_per_epoch: int, total_steps: int,
-               writer: metrics_log.MetricsWriter, progress, flops: Optional[float]):
+               writer: metrics_log.MetricsWriter, progress):
     self.every, self.batch_size = every, batch_size
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
     self.writer, self.progress = writer, progress
-    self.flops, self.peak = flops, metrics_log.peak_flops()
-    self.started, self.steps = time.time(), 0
+    self.peak = metrics_log.peak_flops()
+    self.started, self.steps, self.flops = time.time(), 0, 0.0
 
-  def count_step(self) -> None:
+  def count_step(self, flops: Optional[float]) -> None:
+    """One more step of ``flops`` (per device; None: unknown, no MFU)."""
     self.steps += 1
+    self.flops = self.flops + flops if flops and self.flops is not None else None
 
   def due(self, done: int) -> bool:
     return done % self.every == 0 or done == self.total_steps
@@ -100,12 +102,12 @@ class IntervalLog:
     scalars['train/images_per_sec'] = images_per_sec
     scalars['train/epoch'] = done / self.steps_per_epoch
     if self.flops and self.peak:
-      scalars['train/mfu'] = self.flops * self.steps / elapsed / self.peak  # per-device FLOPs
+      scalars['train/mfu'] = self.flops / elapsed / self.peak  # per-device FLOPs
     self.writer.write(done, scalars)
     self.progress.set_postfix(epoch=f'{done / self.steps_per_epoch:.2f}',
                               loss=f'{scalars["train/loss"]:.4f}',
                               lr=f'{scalars["train/lr"]:.2e}', img_s=f'{images_per_sec:.0f}')
-    self.started, self.steps = time.time(), 0
+    self.started, self.steps, self.flops = time.time(), 0, 0.0
 
 
 class StopAgreement:
