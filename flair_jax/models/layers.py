@@ -82,9 +82,7 @@ class BatchNorm(nnx.Module):
     elif isinstance(self.moments, GivenMoments):
       mean, var = self.moments.normalising_moments(x.astype(jnp.float32), axes)
     else:
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
+      mean, var = batch_moments(x.astype(jnp.float32), axes, self.mean[...])
       if isinstance(self.moments, RecordedMoments):
         self.moments = RecordedMoments((mean, var))
       n = math.prod(x.shape[a] for a in axes)
@@ -96,6 +94,23 @@ class BatchNorm(nnx.Module):
     inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
     shift = self.bias[...] - mean * inv
     return (x.astype(jnp.float32) * inv + shift).astype(self.dtype)
+
+
+def batch_moments(xf, axes, shift):
+  """``(mean, biased var)`` over ``axes`` in one pass over ``xf``.
+
+  The sums of ``d = xf - shift`` and ``d**2`` are taken together (one read of
+  the activations, and on a split batch one all-reduce instead of a mean's
+  and then a variance's), then ``var = E[d**2] - E[d]**2``. Shifted by a value
+  near the mean (the running mean), the subtraction loses no more than the
+  two-pass form; the shift carries no gradient (the moments do not depend
+  on it).
+  """
+  shift = jax.lax.stop_gradient(shift)
+  d = xf - shift
+  mean_d = jnp.mean(d, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(d), axes) - jnp.square(mean_d), 0.0)
+  return mean_d + shift, var
 
 
 class RecordedMoments(nnx.Intermediate):
@@ -153,6 +168,23 @@ def use_moments(model: nnx.Module, moments: list, share) -> None:
   for bn, m in zip(batchnorms(model), moments, strict=True):
     if m is not None:
       bn.moments = GivenMoments((m[0], m[1], share))
+
+
+def _run_block(block, *args):
+  return block(*args)
+
+
+def block_runner(remat: bool):
+  """``run(block, *args)``: ``block(*args)``, rematerialised in the backward
+  pass when ``remat`` (only the block's inputs are kept for it)."""
+  return nnx.remat(_run_block) if remat else _run_block
+
+
+def remat_blocks(model: nnx.Module) -> None:
+  """Every tower of ``model`` with a ``remat`` switch rematerialises its blocks."""
+  for _, m in nnx.iter_modules(model):
+    if isinstance(getattr(m, 'remat', None), bool):
+      m.remat = True
 
 
 class Linear(nnx.Module):
