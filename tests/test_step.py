@@ -8,6 +8,7 @@ import jax
 import optax
 from flax import nnx
 
+from data_pipelines import tokenizer as tokenizer_lib
 from flair_jax import parallel
 from flair_jax.training import optim, step as step_lib
 from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
@@ -233,3 +234,58 @@ def test_rematerialised_towers_give_the_same_loss_and_gradients():
   for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])):
     # Recomputation fuses differently: rounding relative to each tensor's scale.
     assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, np.max(np.abs(b)))
+
+
+def test_text_cut_to_its_bucket_gives_the_loss_and_gradients_of_77_tokens():
+  """FLAIR pools over the batch's longest caption; positions past it are
+  masked out of attention (weight exp(dtype-min) = 0) and out of the pooling
+  (weight 0), so any width holding the longest caption gives the same sums
+  up to their order."""
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  graphdef, params, stats = step_lib.split_model(_tiny_model())
+  batch = _batches(1, seed=7)[0]  # captions of 3 to 10 tokens: cut to 16
+  cut = dict(batch, input_ids=tokenizer_lib.cut_to_bucket(batch['input_ids'], batch['lengths']))
+  assert cut['input_ids'].shape == (GLOBAL_BATCH, 16)
+  options = step_lib.StepOptions(augment=True, text_dropout=False)
+  loss_fn = jax.jit(jax.value_and_grad(step_lib.make_loss_fn(graphdef, mesh, options=options),
+                                       has_aux=True))
+  key = jax.random.key(2)
+  (loss77, _), grads77 = loss_fn(params, stats, parallel.global_batch(batch, mesh), key)
+  (loss16, _), grads16 = loss_fn(params, stats, parallel.global_batch(cut, mesh), key)
+  # Sums of up to 77 terms reordered: within 77 * 2**-24 of their scale.
+  rtol = 77 * 2.0 ** -24
+  np.testing.assert_allclose(float(loss16), float(loss77), rtol=rtol)
+  # A tensor whose gradient cancels to ~1e-12 (rounding noise) is held to
+  # the scale of the terms that cancelled: 1e-4 of the largest gradient.
+  scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(grads77))
+  for a, b in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads77)):
+    assert np.max(np.abs(a - b)) <= rtol * max(np.max(np.abs(b)), 1e-4 * scale)
+
+
+def _count_primitives(jaxpr, names):
+  """Equations named ``names`` in ``jaxpr`` and the jaxprs nested in it."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in names
+    for value in eqn.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        count += _count_primitives(inner, names)
+  return count
+
+
+def test_remat_rematerialises_each_block_of_both_towers():
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  graphdef, params, stats = step_lib.split_model(_tiny_model())
+  batch = parallel.global_batch(_batches(1)[0], mesh)
+
+  def checkpoints(remat):
+    options = step_lib.StepOptions(remat=remat)
+    loss_fn = step_lib.make_loss_fn(graphdef, mesh, options=options)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss_fn(p, stats, batch, jax.random.key(0))[0]))(
+        params)
+    return _count_primitives(jaxpr.jaxpr, ('remat2', 'checkpoint'))
+
+  # 4 bottlenecks (stages 1, 1, 1, 1) and BERT's layers, each its own region.
+  assert checkpoints(False) == 0
+  assert checkpoints(True) == 4 + BERT['num_hidden_layers']

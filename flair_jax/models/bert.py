@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flair_jax.models.layers import LayerNorm, Linear
+from flair_jax.models.layers import LayerNorm, Linear, block_runner
 from flair_jax.models.torch_keys import Row
 
 _ACTIVATIONS = {
@@ -164,7 +164,11 @@ class BertLayer(nnx.Module):
 
 
 class Bert(nnx.Module):
-  """``transformers.BertModel`` with ``output_hidden_states=True``."""
+  """``transformers.BertModel`` with ``output_hidden_states=True``.
+
+  ``remat`` (an attribute, default False): rematerialise each layer in the
+  backward pass.
+  """
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = cfg
@@ -174,6 +178,7 @@ class Bert(nnx.Module):
     self.pooler = Linear(cfg.hidden_size, cfg.hidden_size,
                          init_std=cfg.initializer_range, dtype=dtype, rngs=rngs)
     self.dtype = dtype
+    self.remat = False
 
   def __call__(self, input_ids_bl, attention_mask_bl, token_type_ids_bl=None,
                *, dropout_key: Optional[jax.Array] = None, with_pooler: bool = False):
@@ -200,8 +205,9 @@ class Bert(nnx.Module):
     x = self.embeddings(input_ids_bl, token_type_ids_bl)
     x = _dropout(x, self.config.hidden_dropout_prob, keys[0])
     hidden_states = [x]
+    run = block_runner(self.remat)
     for layer, key in zip(self.layers, keys[1:]):
-      x = layer(x, bias_b11l, key)
+      x = run(layer, x, bias_b11l, key)
       hidden_states.append(x)
     pooled = None
     if with_pooler:

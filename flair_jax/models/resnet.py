@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flair_jax.models.layers import BatchNorm, Conv2d, normalize_pixels
+from flair_jax.models.layers import BatchNorm, Conv2d, block_runner, normalize_pixels
 from flair_jax.models.torch_keys import Row
 from flair_jax.models.tower import VisionTower
 
@@ -74,6 +74,9 @@ class ResNet(nnx.Module):
     pixel_mean, pixel_std: normalisation of the [0, 1] input (empty, FLAIR's
       choice: none).
     dtype: compute dtype; parameters stay float32.
+
+  ``remat`` (an attribute, default False): rematerialise each bottleneck in
+  the backward pass.
   """
 
   def __init__(self, stages: Sequence[int] = RESNET50_STAGES, width: int = 64,
@@ -95,15 +98,17 @@ class ResNet(nnx.Module):
     self.pixel_mean = tuple(pixel_mean)
     self.pixel_std = tuple(pixel_std)
     self.dtype = dtype
+    self.remat = False
 
   def __call__(self, images_bhwc):
     """Maps ``[B, H, W, 3]`` float images to ``[B, out_features]`` float32."""
     x = normalize_pixels(images_bhwc, self.pixel_mean, self.pixel_std)
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = max_pool_3x3_s2(x)
+    run = block_runner(self.remat)
     for i in range(self.num_stages):
       for block in getattr(self, f'layer{i + 1}'):
-        x = block(x)
+        x = run(block, x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

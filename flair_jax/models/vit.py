@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flair_jax.models.layers import LayerNorm, Linear, normalize_pixels
+from flair_jax.models.layers import LayerNorm, Linear, block_runner, normalize_pixels
 from flair_jax.models.torch_keys import Row
 from flair_jax.models.tower import VisionTower
 
@@ -108,10 +108,6 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
-def _run_block(block, x):
-  return block(x)
-
-
 class VisionTransformer(nnx.Module):
   """timm's ViT with a class token and learned absolute position embedding.
 
@@ -161,7 +157,7 @@ class VisionTransformer(nnx.Module):
     cls_b1d = jnp.broadcast_to(self.cls_token[...].astype(self.dtype),
                                (x_bnd.shape[0], 1, x_bnd.shape[2]))
     x_btd = jnp.concatenate([cls_b1d, x_bnd], axis=1) + self.pos_embed[...].astype(self.dtype)
-    run = nnx.remat(_run_block) if self.remat else _run_block
+    run = block_runner(self.remat)
     for block in self.blocks:
       x_btd = run(block, x_btd)
     if self.pool == 'token':

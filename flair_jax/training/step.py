@@ -69,7 +69,7 @@ class StepOptions:
   Attributes:
     augment: FLAIR's on-device augmentation (flip, affine, colour jitter).
     text_dropout: BERT dropout as in PyTorch FLAIR's train mode.
-    remat: rematerialise the towers' activations in the backward pass.
+    remat: rematerialise each block of the towers in the backward pass.
     accumulation_steps: micro-batches per step (see the module docstring);
       the global batch must be a multiple of it times the devices.
   """
@@ -115,10 +115,15 @@ def _clamp_logit_scale(path, value):
 
 
 def _towers(options: StepOptions):
-  """``towers(model, images, ids, mask, drop_keys, pool_length)``, rematerialised if asked."""
+  """``towers(model, images, ids, mask, drop_keys, pool_length)``, each block
+  rematerialised if asked (rematerialising whole towers would recompute as
+  much and keep nearly every activation: the backward pass of a tower needs
+  all of them at once)."""
   def towers(model, images, ids, mask, drop_keys, pool_length):
+    if options.remat:
+      layers.remat_blocks(model)
     return model(images, ids, mask, dropout_key=drop_keys, pool_length=pool_length)
-  return nnx.remat(towers) if options.remat else towers
+  return towers
 
 
 def _prepare(batch, key, options: StepOptions, compute_dtype):
