@@ -72,7 +72,7 @@ def _bilinear_zero_fill(img_bhwc, y_bhw, x_bhw):
     inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
     index_bn = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(b, h * w, 1)
     value = jnp.take_along_axis(flat_bnc, index_bn, axis=1).reshape(b, h, w, c)
-    out = out + jnp.where(inside[..., None], weight * value, 0)
+    out = out + jnp.where(inside[..., None], weight.astype(value.dtype) * value, 0)
   return out
 
 
@@ -105,12 +105,12 @@ def _grey_mean(img_bhwc):
 
 def adjust_brightness(img_bhwc, factor_b):
   """``clip(img * factor, 0, 1)`` per image."""
-  return jnp.clip(img_bhwc * factor_b[:, None, None, None], 0.0, 1.0)
+  return jnp.clip(img_bhwc * factor_b[:, None, None, None].astype(img_bhwc.dtype), 0.0, 1.0)
 
 
 def adjust_contrast(img_bhwc, factor_b):
   """``clip(factor * img + (1 - factor) * mean grey, 0, 1)`` per image."""
-  f = factor_b[:, None, None, None]
+  f = factor_b[:, None, None, None].astype(img_bhwc.dtype)
   return jnp.clip(f * img_bhwc + (1.0 - f) * _grey_mean(img_bhwc), 0.0, 1.0)
 
 
@@ -140,11 +140,12 @@ def augment(key: jax.Array, images_bhwc: jax.Array, *, dtype=jnp.float32, **kwar
   Args:
     key: PRNG key.
     images_bhwc: uint8 images (scaled by 1/255) or floats in [0, 1].
-    dtype: output float dtype.
+    dtype: the float dtype the augmentation computes in and returns (the
+      towers' compute dtype: bfloat16 halves its memory traffic).
     **kwargs: probabilities and ranges of ``sample_params``.
   Returns:
     ``[B, H, W, C]`` floats in [0, 1] (jitter clips; flip and affine keep range).
   """
-  img = to_unit_float(images_bhwc, jnp.float32)
+  img = to_unit_float(images_bhwc, dtype)
   params = sample_params(key, images_bhwc.shape[0], **kwargs)
   return apply_params(img, params).astype(dtype)
