@@ -39,7 +39,7 @@ from flair_jax import parallel
 def measure(args, k: int, mesh, dtype, host_batches) -> dict:
   """Memory plan and (unless compile-only) images/s of the step with K = ``k``."""
   run_args = argparse.Namespace(**{**vars(args), 'accumulation_steps': k})
-  batches = [parallel.global_batch(tt.for_jax(b, args.text_length), mesh) for b in host_batches]
+  batches = [parallel.global_batch(tt.for_jax(b, args), mesh) for b in host_batches]
   runner = tt.JaxRunner(run_args, mesh, dtype, batches[0])
   m = runner.compiled.memory_analysis()
   row = dict(k=k, compile_s=round(runner.compile_s, 1),

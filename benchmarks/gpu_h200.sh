@@ -72,12 +72,11 @@ rm -rf "$PROFILE"
 
 say "flair_jax, paper recipe (+ profile)"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 330 "${BENCH[@]}" "${RECIPE[@]}" --steps 30 \
-  --no-torch --label "flair_jax, text 77" --profile-dir "$PROFILE"
+  --no-torch --label "flair_jax, text buckets" --profile-dir "$PROFILE"
 if [ $? -ne 0 ] && [ "$(left)" -gt 240 ]; then
-  # Whole-tower remat saves little memory (RESULTS_train_throughput.md): halve the batch.
-  say "failed (out of memory?): retry with batch 64"
+  say "failed (out of memory?): retry with per-block remat"
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 240 "${BENCH[@]}" "${RECIPE[@]}" --steps 30 \
-    --batch 64 --no-torch --label "flair_jax, text 77, batch 64"
+    --remat --no-torch --label "flair_jax, text buckets, remat"
 fi
 
 say "PyTorch FLAIR-equivalent, fp16 autocast + GradScaler"
@@ -85,9 +84,9 @@ timeout "$(( $(left) > 200 ? 200 : $(left) ))" "${BENCH[@]}" "${RECIPE[@]}" --st
   --no-jax --label "torch FLAIR"
 
 if [ "$(left)" -gt 150 ]; then
-  say "optional: flair_jax with captions cut to 40 tokens (as torch pads them)"
+  say "optional: flair_jax with the static 77-token text (no buckets)"
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout "$(( $(left) - 20 ))" "${BENCH[@]}" "${RECIPE[@]}" \
-    --steps 30 --no-torch --text-length 40 --label "flair_jax, text 40"
+    --steps 30 --no-torch --text-buckets --label "flair_jax, text 77"
 fi
 if [ "$(left)" -gt 90 ]; then
   say "optional: a tuned torch (channels_last, no per-step sync or empty_cache)"

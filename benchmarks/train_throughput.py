@@ -12,7 +12,11 @@ device's dense peak (accelerators only), and the peak memory of each.
 Precision: float32 on CPU; on GPU flair_jax computes in bfloat16 and torch in
 PyTorch FLAIR's own setting, fp16 autocast with a GradScaler. torch pads each
 batch's captions to its longest one (as FLAIR's tokenizer call does);
-flair_jax pads to the static ``--text-length`` (77, the pipeline's).
+flair_jax cuts each batch's ids to its text bucket (``--text-buckets``, the
+training loop's default widths; with no values, the static
+``--text-length``, 77, the pipeline's). ``--captions knowledge`` draws
+FLAIR's captions (template, category, expert-knowledge description) and
+tokenizes them with ``--tokenizer`` instead of drawing random lengths.
 
   python benchmarks/train_throughput.py --image-size 64 --batch 16 \\
       --resnet-stages 1 1 1 1 --resnet-width 16 --bert-layers 2 --bert-hidden 64 \\
@@ -51,6 +55,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import machine_info
+from data_pipelines import tokenizer as tokenizer_lib
 from flair_jax import parallel
 from flair_jax.training import optim, step as step_lib
 from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
@@ -139,20 +144,39 @@ class JaxRunner:
     step = step_lib.make_train_step(graphdef, tx, mesh, schedule=schedule, options=options,
                                     compute_dtype=dtype)
     self.key = jax.random.key(0)
+    self.step, self.steps, self.used = step, {}, []
     t0 = time.perf_counter()
-    self.compiled = step.lower(self.state, example_batch, self.key).compile()
+    self.compiled = self._compiled(example_batch)
     self.compile_s = time.perf_counter() - t0
     self.num_params = sum(x.size for x in jax.tree.leaves(self.state.params))
 
-  def flops_per_step(self):
-    """FLOPs of one global step: XLA's per-device count times the devices."""
-    cost = self.compiled.cost_analysis()
+  def _compiled(self, batch):
+    """The step compiled for this batch's text width (once per width)."""
+    width = batch['input_ids'].shape[1]
+    if width not in self.steps:
+      self.steps[width] = self.step.lower(self.state, batch, self.key).compile()
+    return self.steps[width]
+
+  def prepare(self, batches):
+    """Compiles the step for every text width of ``batches`` (untimed)."""
+    for batch in batches:
+      self._compiled(batch)
+
+  def _flops(self, compiled):
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost['flops']) * self.mesh.size
 
+  def flops_per_step(self):
+    """FLOPs of one global step: XLA's per-device count times the devices,
+    averaged over the text widths of the steps run (else the first batch's)."""
+    widths = self.used or [next(iter(self.steps))]
+    return float(np.mean([self._flops(self.steps[w]) for w in widths]))
+
   def memory_analysis_bytes(self):
-    """Per-device arguments + outputs - aliased + temporaries, as XLA plans them."""
-    m = self.compiled.memory_analysis()
+    """Per-device arguments + outputs - aliased + temporaries, as XLA plans them
+    (the widest text compiled)."""
+    m = self.steps[max(self.steps)].memory_analysis()
     if m is None:
       return None
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -161,9 +185,11 @@ class JaxRunner:
   def run(self, batches):
     metrics = None
     for batch in batches:
-      self.state, metrics = self.compiled(self.state, batch, self.key)
+      self.used.append(batch['input_ids'].shape[1])
+      self.state, metrics = self._compiled(batch)(self.state, batch, self.key)
     jax.block_until_ready((self.state, metrics))
-    return float(metrics['loss'])
+    self.last_loss = float(metrics['loss'])
+    return self.last_loss
 
 
 def torch_bert_config(args) -> dict:
@@ -219,25 +245,55 @@ class TorchRunner:
     return int(self.torch.cuda.max_memory_allocated())
 
 
-def random_host_batch(rng, args):
+def knowledge_captions(args):
+  """``draw(rng, n) -> (ids [n, 77], lengths [n])`` of FLAIR's captions: the
+  template with a random category of the expert-knowledge dictionary, the
+  category replaced by one of ``[category] + descriptions`` (as the
+  pre-training pipeline does), tokenized by ``--tokenizer``."""
+  # pylint: disable-next=g-import-not-at-top
+  from data_pipelines import captions, knowledge, tokenizer
+  if not args.tokenizer:
+    raise ValueError('--captions knowledge needs --tokenizer: a BERT vocab.txt or tokenizer '
+                     'folder (e.g. the Bio_ClinicalBERT or MiniLM one)')
+  tok = tokenizer.load_tokenizer(args.tokenizer)
+  dictionary = knowledge.load_knowledge()
+  categories = sorted(dictionary)
+
+  def draw(rng, n):
+    texts = [captions.flair_caption(rng, [], [categories[rng.integers(len(categories))]],
+                                    'bench', dictionary)[0] for _ in range(n)]
+    ids, lengths = tokenizer.tokenize(tok, texts)
+    return np.minimum(ids, args.bert_vocab - 1), lengths
+  return draw
+
+
+def random_host_batch(rng, args, draw_captions=None):
   """A host batch of the pipeline's format with random content."""
   b, s = args.batch, args.image_size
-  lo, hi = args.caption_tokens
-  lengths = rng.integers(lo, hi + 1, b).astype(np.int32)
-  ids = rng.integers(5, args.bert_vocab, (b, 77)).astype(np.int32)
-  ids *= np.arange(77)[None] < lengths[:, None]
+  if draw_captions is None:
+    lo, hi = args.caption_tokens
+    lengths = rng.integers(lo, hi + 1, b).astype(np.int32)
+    ids = rng.integers(5, args.bert_vocab, (b, 77)).astype(np.int32)
+    ids *= np.arange(77)[None] < lengths[:, None]
+  else:
+    ids, lengths = draw_captions(rng, b)
   return dict(image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), input_ids=ids,
               lengths=lengths, category=rng.integers(0, NUM_CATEGORIES, b).astype(np.int32))
 
 
-def for_jax(host_batch, text_length):
-  """The step's keys, token ids cut to the static ``text_length``."""
+def for_jax(host_batch, args):
+  """The step's keys, token ids cut to the batch's text bucket (or to the
+  static ``--text-length`` without buckets)."""
   longest = int(np.max(host_batch['lengths']))
-  if longest > text_length:
-    raise ValueError(f'a caption has {longest} tokens but --text-length is {text_length}; '
-                     f'expected --text-length >= the longest caption')
   out = {k: np.asarray(host_batch[k]) for k in step_lib.BATCH_KEYS}
-  out['input_ids'] = out['input_ids'][:, :text_length]
+  if args.text_buckets:
+    out['input_ids'] = tokenizer_lib.cut_to_bucket(out['input_ids'], out['lengths'],
+                                                   args.text_buckets)
+    return out
+  if longest > args.text_length:
+    raise ValueError(f'a caption has {longest} tokens but --text-length is '
+                     f'{args.text_length}; expected --text-length >= the longest caption')
+  out['input_ids'] = out['input_ids'][:, :args.text_length]
   return out
 
 
@@ -345,7 +401,8 @@ def summarize(args, jax_runner, torch_runner, times, extra):
                xla_gflops_per_sample=flops / args.batch / 1e9,
                xla_memory_plan_bytes_per_device=jax_runner.memory_analysis_bytes())
     if 'flair_jax' in times:
-      out.update(jax_images_per_s=rate('flair_jax'), jax_block_images_per_s=blocks('flair_jax'))
+      out.update(jax_images_per_s=rate('flair_jax'), jax_block_images_per_s=blocks('flair_jax'),
+                 final_loss=jax_runner.last_loss)
       out['achieved_tflops'] = flops * out['jax_images_per_s'] / args.batch / 1e12
       peak = peak_tflops(device.device_kind, out['dtype'], args.peak_tflops)
       if device.platform != 'cpu' and peak:
@@ -421,7 +478,15 @@ def parse_args(argv=None):
   p.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True)
   p.add_argument('--devices', type=int, default=1,
                  help='devices of the data mesh (on CPU: simulated host devices)')
-  p.add_argument('--text-length', type=int, default=77, help='static token length of flair_jax')
+  p.add_argument('--text-length', type=int, default=77,
+                 help='static token length of flair_jax without --text-buckets')
+  p.add_argument('--text-buckets', type=int, nargs='*',
+                 default=list(tokenizer_lib.TEXT_BUCKETS),
+                 help='widths flair_jax cuts each batch\'s ids to (the smallest holding its '
+                 'longest caption; none given: the static --text-length)')
+  p.add_argument('--captions', choices=('random', 'knowledge'), default='random',
+                 help="device mode: random lengths (--caption-tokens) or FLAIR's captions "
+                 'with expert knowledge, tokenized by --tokenizer')
   p.add_argument('--caption-tokens', type=int, nargs=2, default=[8, 40], metavar=('LO', 'HI'),
                  help='device mode: caption lengths drawn uniformly in [LO, HI] '
                  "(FLAIR's captions with expert knowledge: 6 to 29 words)")
@@ -489,17 +554,20 @@ def main(argv=None):
 
   if args.mode == 'device':
     rng = np.random.default_rng(0)
-    host = [random_host_batch(rng, args) for _ in range(args.device_batches)]
+    draw = knowledge_captions(args) if args.captions == 'knowledge' else None
+    host = [random_host_batch(rng, args, draw) for _ in range(args.device_batches)]
   else:
     iterator = grain_batches(args)
     host = [next(iterator)]
-  put_jax = lambda b: parallel.global_batch(for_jax(b, args.text_length), mesh)
+  put_jax = lambda b: parallel.global_batch(for_jax(b, args), mesh)
 
   runners, feeds, extra = [], {}, {}
   jax_runner = torch_runner = None
   torch_dtype = '-'
   if args.jax:
     jax_runner = JaxRunner(args, mesh, jnp.dtype(dtype_name), put_jax(host[0]))
+    if not args.compile_only:
+      jax_runner.prepare([put_jax(b) for b in host])
     runners.append(jax_runner)
   if args.torch:
     import torch  # pylint: disable=g-import-not-at-top
@@ -537,8 +605,11 @@ def main(argv=None):
       label=args.label or f'{args.image_size}px b{args.batch}', dtype=dtype_name,
       torch_dtype=torch_dtype, image_size=args.image_size, batch=args.batch, mode=args.mode,
       steps=args.steps, warmup=args.warmup, block_steps=args.block_steps, remat=args.remat,
-      augment=args.augment, text_length=args.text_length,
+      augment=args.augment, text_length=args.text_length, text_buckets=args.text_buckets,
+      captions=args.captions,
       longest_caption=int(max(np.max(b['lengths']) for b in host)),
+      mean_caption=float(np.mean([np.mean(b['lengths']) for b in host])),
+      text_widths=sorted(jax_runner.steps) if jax_runner else None,
       towers=dict(vision=args.vision, **(
                       dict(vit_patch=args.vit_patch, vit_width=args.vit_width,
                            vit_depth=args.vit_depth, vit_heads=args.vit_heads)
