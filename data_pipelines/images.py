@@ -274,13 +274,24 @@ def flair_transfer_canvas(image: np.ndarray, canvas: int = 512, crop: bool = Fal
   return pad_to_canvas(_resize_antialiased(x, *size), canvas)
 
 
-def stored_canvas(image, canvas: int) -> np.ndarray:
+def stored_canvas(image, canvas: int, out: np.ndarray | None = None) -> np.ndarray:
   """A stored image as uint8 ``[canvas, canvas, 3]``, padded bottom and right.
 
   Args:
     image: uint8 ``[h, w, 3]`` array or encoded PNG/JPEG bytes, longest side
       ``canvas`` (as the builders store it).
+    canvas: the canvas side.
+    out: optional uint8 ``[canvas, canvas, 3]`` array (e.g. a row of a
+      batch) to write the canvas into instead of a new array: the pixels
+      are copied once, straight to their place, and only the padding is
+      zeroed.
+  Returns:
+    ``out`` when given, else a new array (the image itself when it already
+    fills the canvas).
   """
+  if out is not None and (out.dtype != np.uint8 or out.shape != (canvas, canvas, 3)):
+    raise ValueError(f'out has dtype {out.dtype} and shape {out.shape}; expected uint8 '
+                     f'[{canvas}, {canvas}, 3]')
   if isinstance(image, (bytes, np.bytes_)):
     image = decode(bytes(image))
   image = np.asarray(image)
@@ -291,7 +302,12 @@ def stored_canvas(image, canvas: int) -> np.ndarray:
   if max(h, w) != canvas:
     raise ValueError(f'image is {h}x{w} but the canvas is {canvas}: the dataset was built for '
                      f'another canvas; expected the longest side == {canvas}')
-  return pad_to_canvas(image, canvas)
+  if out is None:
+    return pad_to_canvas(image, canvas)
+  out[:h, :w] = image
+  out[h:] = 0
+  out[:h, w:] = 0
+  return out
 
 
 def encode(img: Image.Image, image_format: str = 'png',

@@ -227,6 +227,22 @@ def test_stored_canvas_reads_arrays_png_and_jpeg_and_refuses_another_canvas():
     images.stored_canvas(image, 32)
 
 
+def test_stored_canvas_into_a_used_buffer_overwrites_pixels_and_padding():
+  canvas = 16
+  rng = np.random.default_rng(2)
+  rows_bcc3 = np.full((3, canvas, canvas, 3), 255, np.uint8)  # a batch slot's stale pixels
+  for row, shape in enumerate([(canvas, 9, 3), (5, canvas, 3), (canvas, canvas, 3)]):
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    for stored in (image, png_bytes(Image.fromarray(image))):
+      out = images.stored_canvas(stored, canvas, out=rows_bcc3[row])
+      assert np.shares_memory(out, rows_bcc3[row])
+      np.testing.assert_array_equal(rows_bcc3[row], images.stored_canvas(image, canvas))
+  with pytest.raises(ValueError, match='expected uint8 \\[16, 16, 3\\]'):
+    images.stored_canvas(image, canvas, out=np.zeros((canvas, canvas + 1, 3), np.uint8))
+  with pytest.raises(ValueError, match='canvas is 32'):
+    images.stored_canvas(image, 32, out=np.zeros((32, 32, 3), np.uint8))
+
+
 def test_array_to_rgb_repeats_greyscale_and_drops_alpha():
   grey = RNG.integers(0, 256, (7, 5), dtype=np.uint8)
   np.testing.assert_array_equal(images.to_rgb(grey), np.repeat(grey[..., None], 3, -1))

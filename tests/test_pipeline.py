@@ -8,6 +8,8 @@ pipeline.
 import collections
 import io
 import json
+import os
+import subprocess
 
 import grain
 import numpy as np
@@ -15,6 +17,7 @@ import PIL.Image
 import pytest
 from scipy import stats
 
+from data_pipelines import batch_memory
 from data_pipelines import categories as categories_lib
 from data_pipelines import knowledge as knowledge_lib
 from data_pipelines import pipeline
@@ -249,6 +252,11 @@ def test_state_from_other_settings_is_refused(sources, tokenizer, index, referen
     iterator.set_state({'next_batch': 1, 'global_batch_size': 8})
 
 
+def _slot_files():
+  """This process's slot files in /dev/shm."""
+  return batch_memory.leftover_names(f'{batch_memory.PREFIX}{os.getpid()}_')
+
+
 def test_two_workers_give_the_zero_worker_batches_after_a_restore(sources, tokenizer, index,
                                                                   reference_batches):
   iterator = _iterator(sources, tokenizer, index, worker_count=2)
@@ -256,9 +264,71 @@ def test_two_workers_give_the_zero_worker_batches_after_a_restore(sources, token
     iterator.set_state({'next_batch': 2})
     batches = [next(iterator) for _ in range(4)]
     assert iterator.get_state()['next_batch'] == 6
+    iterator.set_state({'next_batch': 1})  # restarts the workers (and their slots)
+    batches += [next(iterator) for _ in range(3)]
   finally:
     iterator.close()
-  _assert_same(batches, reference_batches[2:6])
+  assert not _slot_files()
+  if batch_memory.available():
+    assert iterator.transfer_counts == {'shared_memory': 7, 'fallback': 0}
+  # The held batches outlive close(): their pages stay mapped while arrays use them.
+  _assert_same(batches, reference_batches[2:6] + reference_batches[1:4])
+
+
+def test_held_batches_are_never_overwritten_and_released_slots_are_reused(sources, tokenizer,
+                                                                           index):
+  settings = dict(batch_size=4, seed=SEED, tokenizer=tokenizer, canvas=CANVAS, epoch_length=10,
+                  process_index=0, process_count=1, index=index)
+  build, _, _ = pipeline.pretraining_builder(sources, **settings)
+  iterator = _iterator(sources, tokenizer, index, worker_count=1, read_threads=0, prefetch=1)
+  slots = iterator._slots_per_worker()  # pylint: disable=protected-access
+  try:
+    held = [next(iterator) for _ in range(slots + 4)]
+    for i, batch in enumerate(held):
+      _assert_same([batch], [build(i)])
+    counts = dict(iterator.transfer_counts)
+    del held, batch
+    later = [(next(iterator)['image'][:, :2].copy(), i) for i in range(slots + 4, 3 * slots)]
+  finally:
+    iterator.close()
+  if batch_memory.available():
+    assert counts['shared_memory'] <= slots and counts['fallback'] >= 4
+    assert iterator.transfer_counts['shared_memory'] > slots  # slots came back and were reused
+  for image, i in later:
+    np.testing.assert_array_equal(image, build(i)['image'][:, :2])
+  assert not _slot_files()
+
+
+def test_a_bad_image_in_a_worker_raises_as_in_process_and_leaves_no_slot(sources, tokenizer,
+                                                                         index):
+  wrong_canvas = [[dict(e, image=np.zeros((CANVAS // 2, CANVAS // 2, 3), np.uint8)) for e in s]
+                  for s in sources]
+  for worker_count in (0, 1):
+    iterator = _iterator(wrong_canvas, tokenizer, index, worker_count=worker_count)
+    try:
+      with pytest.raises(ValueError, match='the canvas is 16'):
+        next(iterator)
+    finally:
+      iterator.close()
+  assert not _slot_files()
+
+
+def test_slot_files_of_a_dead_main_process_are_removed():
+  if not batch_memory.available():
+    pytest.skip('no /dev/shm')
+  dead = subprocess.Popen(['true'])  # a main process killed before it could clean up
+  dead.wait()
+  stale, alive = (f'{batch_memory.PREFIX}{pid}_test_1_0' for pid in (dead.pid, os.getpid()))
+  for name in (stale, alive):
+    with open(os.path.join(batch_memory.SHM_DIR, name), 'wb'):
+      pass
+  try:
+    assert batch_memory.remove_stale() >= 1
+    assert stale not in batch_memory.leftover_names()
+    assert alive in batch_memory.leftover_names()
+  finally:
+    for name in set(batch_memory.leftover_names()) & {stale, alive}:
+      os.unlink(os.path.join(batch_memory.SHM_DIR, name))
 
 
 def test_process_shards_make_up_the_single_process_batch(sources, tokenizer, index):
