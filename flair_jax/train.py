@@ -24,8 +24,22 @@ from data_pipelines import console
 _DEMO = str(importlib.resources.files('configs') / 'demo.py')
 # The config flags are absl's (ml_collections reads ``--config FILE:variant``
 # and ``--config.KEY=VALUE`` overrides); the others parse as in every CLI.
-_CONFIG = config_flags.DEFINE_config_file('config', _DEMO, 'Training config file[:variant].',
-                                          lock_config=True)
+
+
+def _no_such_key(e: BaseException):
+  """Exits with one line naming the override's missing key and the closest one."""
+  cause = e
+  while cause.args and isinstance(cause.args[0], BaseException):
+    cause = cause.args[0]  # ml_collections wraps the KeyError that says 'Did you mean'.
+  console.usage_error(f'config has no key {cause.args[0] if cause.args else cause}')
+
+
+try:
+  # Without --config, the default file is read here, with the overrides of sys.argv.
+  _CONFIG = config_flags.DEFINE_config_file('config', _DEMO, 'Training config file[:variant].',
+                                            lock_config=True)
+except (KeyError, AttributeError) as error:  # An override names no config key.
+  _no_such_key(error)
 _CONFIG_HELP = """config flags:
   --config FILE[:variant]  training config file (default: configs/demo.py)
   --config.KEY=VALUE       override one config key, e.g. --config.train.batch_size=256"""
@@ -56,10 +70,7 @@ def _parse_flags(argv):
   except flags.Error as e:  # A bad value, an unknown flag, an error in the config file.
     console.usage_error(str(e))
   except (KeyError, AttributeError) as e:  # An override names no config key.
-    cause = e
-    while cause.args and isinstance(cause.args[0], BaseException):
-      cause = cause.args[0]  # ml_collections wraps the KeyError that says 'Did you mean'.
-    console.usage_error(f'config has no key {cause.args[0] if cause.args else cause}')
+    _no_such_key(e)
   except OSError as e:  # The config file is missing or unreadable: its last line says why.
     console.usage_error(f'--config: {str(e).strip().splitlines()[-1].strip()}')
   return rest

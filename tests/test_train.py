@@ -118,6 +118,17 @@ def test_config_typo_names_the_closest_key(tmp_path):
   assert 'Did you mean "batch_size"' in result.stderr
 
 
+def test_config_typo_without_a_config_file_is_one_line(tmp_path):
+  # The default config (the demo) is read when the flag is defined.
+  result = subprocess.run([sys.executable, '-m', 'flair_jax.train', '--workdir', str(tmp_path),
+                           '--config.train.bach_size=8'], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().startswith('error: ')
+  assert 'Did you mean "batch_size"' in result.stderr
+
+
 def test_missing_data_says_how_to_build_it(tmp_path):
   cmd = [sys.executable, '-m', 'flair_jax.train', '--config',
          str(REPO / 'configs' / 'flair_resnet50.py') + ':smoke', '--workdir', str(tmp_path)]
