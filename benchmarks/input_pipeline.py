@@ -316,7 +316,7 @@ def results_table(args, photos, n_built, stored_kib, flair, ours, build, load):
       + (' (other jobs were running: wall-clock rates are low; the per-core column divides by '
          'the CPU time this process got)' if max(load) > 1.5 else '') + '.',
       '',
-      f'Photographs: the {len(photos)} files of `shared/data/fundus` ({", ".join(sizes)}), '
+      f'Photographs: the {len(photos)} files of `{os.path.relpath(args.fundus_dir, REPO)}` ({", ".join(sizes)}), '
       f'each repeated {args.repeats} times ({n_built} examples built); (a) makes '
       f'{args.flair_repeats} passes over the {len(photos)} files. Canvas {CANVAS}, batch '
       f'{args.batch}, stored as JPEG quality 95 ({stored_kib:.0f} KiB per image). '
