@@ -92,6 +92,32 @@ def replicated_value(fn, mesh: Mesh) -> Any:
   return jax.jit(fn, out_shardings=replicated(mesh))()
 
 
+def place(tree: Any, sharding: NamedSharding) -> Any:
+  """``tree`` on ``sharding``: each leaf a global array with that sharding.
+
+  Takes host arrays, uncommitted arrays and arrays committed to other
+  devices (a model loaded from disk sits on device 0, which a jitted
+  function with ``out_shardings`` over the mesh refuses). Local values are
+  assembled shard by shard from the host copy, so on several processes each
+  process places only its own devices' shards and every process must hold
+  the same values (as after loading the same checkpoint). Arrays spanning
+  other processes are resharded by a jitted identity. Non-array leaves pass.
+  """
+  reshard = jax.jit(lambda x: x, out_shardings=sharding)
+
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      if not x.is_fully_addressable:
+        return reshard(x)
+    elif not isinstance(x, (np.ndarray, np.generic)):
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(leaf, tree)
+
+
 def to_host(tree: Any) -> Any:
   """Host NumPy copies of a pytree of replicated (or single-process) arrays.
 

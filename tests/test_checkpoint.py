@@ -176,3 +176,19 @@ def test_save_refuses_a_non_empty_folder_and_keeps_it(model, tmp_path):
   with pytest.raises(FileExistsError, match='not empty'):
     checkpoint.save_model(model, CONFIG, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['mine.txt']
+
+
+def test_a_loaded_model_goes_onto_a_mesh_of_every_device(model, model_dir):
+  # load_model commits its arrays to one device; a jitted creation with
+  # out_shardings over all devices refused them before parallel.place.
+  import optax
+  from flair_jax import parallel
+  from flair_jax.training import step as step_lib
+  loaded, _ = checkpoint.load_model(model_dir)
+  mesh = parallel.make_mesh()
+  _, state = step_lib.create_train_state(loaded, optax.adam(1e-3), mesh)
+  want = parallel.replicated(mesh)
+  for leaf in jax.tree.leaves(state):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), leaf.sharding
+  _assert_equal(dict(params=state.params, batch_stats=state.batch_stats),
+                dict(params=nnx.state(model, nnx.Param), batch_stats=nnx.state(model, nnx.BatchStat)))

@@ -48,6 +48,26 @@ def test_replicated_places_the_whole_array_on_every_device():
   assert all(s.data.shape == (5,) for s in x.addressable_shards)
 
 
+def test_place_takes_host_uncommitted_and_committed_arrays_onto_the_mesh():
+  mesh = parallel.make_mesh()
+  sharding = parallel.replicated(mesh)
+  value = np.arange(12, dtype=np.float32).reshape(3, 4)
+  tree = {'host': value, 'uncommitted': jnp.asarray(value),
+          'committed': jax.device_put(value, jax.devices()[-1]), 'name': 'kept'}
+  placed = parallel.place(tree, sharding)
+  assert placed['name'] == 'kept'
+  for key in ('host', 'uncommitted', 'committed'):
+    x = placed[key]
+    assert x.sharding == sharding and len(x.addressable_shards) == jax.device_count()
+    for shard in x.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), value)
+  assert parallel.place(placed, sharding)['host'] is placed['host']  # already there
+  rows = np.arange(2 * jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)
+  batch = parallel.place(jax.device_put(rows, jax.devices()[0]), parallel.batch_sharding(mesh))
+  assert batch.sharding == parallel.batch_sharding(mesh)
+  np.testing.assert_array_equal(np.asarray(batch), rows)
+
+
 def test_specs_split_the_leading_dimension_over_the_named_axes():
   assert parallel.batch_spec() == jax.sharding.PartitionSpec('data')
   assert parallel.batch_spec(('data', 'fsdp')) == jax.sharding.PartitionSpec(('data', 'fsdp'))

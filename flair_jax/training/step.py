@@ -91,8 +91,12 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
 
   With a mesh, the state is placed replicated on all of its devices (by a
   jitted function: on several processes ``device_put`` cannot place it).
+  The model's arrays may be anywhere: a model loaded from disk, committed
+  to one device, is first placed on the mesh by :func:`parallel.place`.
   """
   graphdef, params, batch_stats = split_model(model)
+  if mesh is not None:
+    params, batch_stats = parallel.place((params, batch_stats), parallel.replicated(mesh))
 
   def init(params, batch_stats):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
