@@ -7,14 +7,16 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from flair_jax import checkpoint, trees
+from flair_jax import checkpoint, parallel, trees
 from flair_jax.convert import export_to_torch
 from flair_jax.models import BertConfig, ModelConfig, VisionConfig, build_model
 from flair_jax.models.state import assign_state, model_state
+from flair_jax.training import step as step_lib
 
 CONFIG = ModelConfig(
     bert=BertConfig(vocab_size=31, hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
@@ -181,9 +183,6 @@ def test_save_refuses_a_non_empty_folder_and_keeps_it(model, tmp_path):
 def test_a_loaded_model_goes_onto_a_mesh_of_every_device(model, model_dir):
   # load_model commits its arrays to one device; a jitted creation with
   # out_shardings over all devices refused them before parallel.place.
-  import optax
-  from flair_jax import parallel
-  from flair_jax.training import step as step_lib
   loaded, _ = checkpoint.load_model(model_dir)
   mesh = parallel.make_mesh()
   _, state = step_lib.create_train_state(loaded, optax.adam(1e-3), mesh)
